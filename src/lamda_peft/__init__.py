@@ -1,0 +1,27 @@
+"""lamda_peft: LaMDA, LaMDA++ and LoRA-FA as PEFT methods.
+
+Importing this package registers ``LAMDA`` and ``LORAFA`` with PEFT, so ``get_peft_model`` and
+``PeftModel.from_pretrained`` work with them like with any PEFT method.
+"""
+
+from __future__ import annotations
+
+from ._peft_registry import register
+from .export import export_lora
+from .tuners.lamda import LamdaConfig, LamdaLayer, LamdaModel
+from .tuners.lora_fa import LoraFAConfig, LoraFALayer, LoraFAModel
+
+__version__ = "0.1.0"
+
+register("lamda", LamdaConfig, LamdaModel, prefix="lamda_")
+register("lorafa", LoraFAConfig, LoraFAModel, prefix="lorafa_")
+
+__all__ = [
+    "LamdaConfig",
+    "LamdaLayer",
+    "LamdaModel",
+    "LoraFAConfig",
+    "LoraFALayer",
+    "LoraFAModel",
+    "export_lora",
+]

@@ -1,0 +1,1 @@
+"""PEFT tuners of lamda_peft: one folder per method, in PEFT's config/layer/model layout."""

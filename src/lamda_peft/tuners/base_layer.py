@@ -1,0 +1,149 @@
+"""What LaMDA and LoRA-FA layers share: the forward of the delta form, merge/unmerge, deferred init.
+
+A subclass declares its containers (PEFT's ``adapter_layer_names`` for trainable ones) and implements
+``_factors(adapter) -> (A, B, S, B0S0)``; everything else lives here so both methods compute exactly the same way.
+
+Frozen factors (A, B0S0) are registered as *buffers*, not parameters with ``requires_grad=False``: no PEFT call
+(``set_adapter``, ``enable_adapter_layers``, loading with ``is_trainable=True``, ...) can make a buffer trainable,
+so the freezing is structural.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from transformers.pytorch_utils import Conv1D
+
+from .delta import LowRankDelta, base_weight_shape, low_rank_matrix
+
+# Fresh factors for one adapter: returns {container name: tensor} to copy into the placeholders.
+InitFn = Callable[[], dict[str, torch.Tensor]]
+
+
+class LowRankDeltaLayer(nn.Module, BaseTunerLayer):
+    """Base for a layer computing ``y = base(x) + s * dropout(x A^T) (B S - B0S0)^T``.
+
+    Shapes: x (..., d_in) -> y (..., d_out); A (r, d_in); B, B0S0 (d_out, r); S (r, r).
+    """
+
+    #: names of the buffers holding frozen factors, checked on load (subclasses set them)
+    frozen_factor_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_weight_shape(self.get_base_layer())
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.frozen_peft_weight_names = {}  # per instance: PEFT's class-level default is a shared dict
+        # Adapters whose factors are placeholders waiting for a checkpoint; see ``_defer_init``.
+        self._pending_init: dict[str, InitFn] = {}
+        self.register_state_dict_pre_hook(lambda module, *args: module._materialize_pending())
+        self.kwargs = kwargs
+
+    # -- subclasses -------------------------------------------------------------------------------------
+    def _factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        raise NotImplementedError
+
+    def _dropout(self, adapter: str) -> nn.Module:
+        raise NotImplementedError
+
+    # -- init -------------------------------------------------------------------------------------------
+    def _assign_factors(self, adapter: str, init_fn: InitFn, *, defer: bool) -> None:
+        """Run ``init_fn`` now, or keep it for later if ``defer`` (the adapter is being loaded from a checkpoint).
+
+        Deferred: the placeholders already allocated stay until either ``load_state_dict`` fills the frozen
+        factors (then the decomposition never runs) or the adapter is used without a load (then ``init_fn``
+        runs on first use, which is the fresh init a newly built adapter gets).
+        """
+        if defer:
+            self._pending_init[adapter] = init_fn
+            return
+        with torch.no_grad():
+            for name, value in init_fn().items():
+                getattr(self, name)[adapter].copy_(value)
+
+    def _materialize_pending(self) -> None:
+        for adapter in list(self._pending_init):
+            self._assign_factors(adapter, self._pending_init.pop(adapter), defer=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for adapter in self.r:
+            for name in self.frozen_factor_names:
+                key = f"{prefix}{name}.{adapter}"
+                if key in state_dict and state_dict[key].shape != getattr(self, name)[adapter].shape:
+                    raise ValueError(
+                        f"adapter checkpoint does not fit this base model: {key} has shape "
+                        f"{tuple(state_dict[key].shape)}, but this base layer ({self.in_features} -> "
+                        f"{self.out_features}) with rank {self.r[adapter]} needs {tuple(getattr(self, name)[adapter].shape)}. "
+                        "Load the adapter onto the base model it was trained on."
+                    )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        for adapter in list(self._pending_init):
+            if all(f"{prefix}{name}.{adapter}" in state_dict for name in self.frozen_factor_names):
+                del self._pending_init[adapter]  # the checkpoint supplied the factors: no decomposition
+
+    # -- forward ----------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        if self._pending_init:
+            self._materialize_pending()
+        for adapter in self.active_adapters:
+            if adapter not in self.r:
+                continue
+            A, B, S, B0S0 = self._factors(adapter)
+            xa = self._dropout(adapter)(nn.functional.linear(x, A.to(x.dtype)))  # (..., r): all autograd keeps
+            delta = LowRankDelta.apply(xa, B, S, B0S0, self.scaling[adapter])
+            result = result + delta.to(result.dtype)
+        return result
+
+    # -- merge ------------------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """s * (B S - B0S0) A in float32, in the base layer's storage layout."""
+        if self._pending_init:
+            self._materialize_pending()
+        A, B, S, B0S0 = self._factors(adapter)
+        delta = self.scaling[adapter] * (low_rank_matrix(B, S, B0S0).float() @ A.float())
+        return delta.T if isinstance(self.get_base_layer(), Conv1D) else delta
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for adapter in adapter_names:
+            if adapter not in self.r:
+                continue
+            with torch.no_grad():
+                merged = base.weight.float() + self.get_delta_weight(adapter)
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(f"merging adapter {adapter!r} would put NaN/Inf in the weights; not merged")
+                base.weight.copy_(merged.to(base.weight.dtype))
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.r:
+                with torch.no_grad():
+                    base.weight.copy_((base.weight.float() - self.get_delta_weight(adapter)).to(base.weight.dtype))
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.r.pop(adapter_name, None)
+        self.scaling.pop(adapter_name, None)
+        self._pending_init.pop(adapter_name, None)

@@ -1,0 +1,5 @@
+from .config import LamdaConfig
+from .layer import LamdaLayer
+from .model import LamdaModel
+
+__all__ = ["LamdaConfig", "LamdaLayer", "LamdaModel"]

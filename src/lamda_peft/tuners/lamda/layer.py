@@ -1,0 +1,101 @@
+"""The LaMDA layer in the delta form (method.md 3.1):
+
+    y = x W0^T + s * dropout(x A^T) (B S - B0S0)^T
+
+    A     (r, d_in)   frozen buffer, in the base weight's dtype   ("PMA")
+    S     (r, r)      trainable, float32                          ("LDA")
+    B     (d_out, r)  trainable at first, float32                  ("PMB"; frozen gradually by lamda_peft.freezing)
+    B0S0  (d_out, r)  frozen buffer, float32: the value of B S at init, so the delta is exactly zero at step 0
+
+The base weight W0 is never modified (except by an explicit ``merge``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from peft.tuners._buffer_dict import BufferDict
+
+from ...spectral import kaiming_uniform_factor, spectral_factors, top_svd
+from ..base_layer import LowRankDeltaLayer
+from ..delta import weight_as_out_in
+from .config import LamdaConfig
+
+
+class LamdaLayer(LowRankDeltaLayer):
+    """A ``torch.nn.Linear`` or transformers ``Conv1D`` with LaMDA adapters (several may coexist)."""
+
+    adapter_layer_names = ("lamda_S", "lamda_B")
+    other_param_names = ("r", "scaling", "lamda_A", "lamda_B0S0", "lamda_dropout")
+    frozen_factor_names = ("lamda_A", "lamda_B0S0")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LamdaConfig, r: int, lora_alpha: float,
+                 module_name: str = "", defer_init: bool = False, **kwargs: Any) -> None:
+        super().__init__(base_layer, **kwargs)
+        self.lamda_A = BufferDict({}, persistent=True)
+        self.lamda_B0S0 = BufferDict({}, persistent=True)
+        self.lamda_S = nn.ParameterDict({})
+        self.lamda_B = nn.ParameterDict({})
+        self.lamda_dropout = nn.ModuleDict({})
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, r, lora_alpha, module_name=module_name, defer_init=defer_init)
+
+    def _factors(self, adapter: str):
+        return self.lamda_A[adapter], self.lamda_B[adapter], self.lamda_S[adapter], self.lamda_B0S0[adapter]
+
+    def _dropout(self, adapter: str) -> nn.Module:
+        return self.lamda_dropout[adapter]
+
+    def update_layer(self, adapter_name: str, config: LamdaConfig, r: int, lora_alpha: float, *,
+                     module_name: str = "", defer_init: bool = False) -> None:
+        """Add adapter ``adapter_name``: allocate A, S, B, B0S0 and initialize them (now, or deferred on load)."""
+        d_in, d_out = self.in_features, self.out_features
+        if not 1 <= r <= min(d_in, d_out):
+            raise ValueError(
+                f"{module_name or 'module'}: r={r} exceeds min(d_in, d_out) = min({d_in}, {d_out}); use a smaller r, "
+                "or a smaller rank for this module in rank_pattern."
+            )
+        weight = self.get_base_layer().weight
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = lora_alpha / r
+        self.lamda_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        f32 = dict(device=weight.device, dtype=torch.float32)
+        self.lamda_A[adapter_name] = torch.zeros(r, d_in, device=weight.device, dtype=weight.dtype)
+        self.lamda_B0S0[adapter_name] = torch.zeros(d_out, r, **f32)
+        self.lamda_S[adapter_name] = nn.Parameter(torch.zeros(r, r, **f32))
+        self.lamda_B[adapter_name] = nn.Parameter(torch.zeros(d_out, r, **f32))
+        scaling = self.scaling[adapter_name]
+
+        def init_fn() -> dict[str, torch.Tensor]:
+            return initial_factors(self.get_base_layer(), config, r, scaling, name=module_name)
+
+        self._assign_factors(adapter_name, init_fn, defer=defer_init or weight.device.type == "meta")
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def __repr__(self) -> str:
+        return "lamda." + super().__repr__()
+
+
+def initial_factors(base: nn.Module, config: LamdaConfig, r: int, scaling: float, name: str = "") -> dict[str, torch.Tensor]:
+    """The init of method.md 3.1 for one layer, as {container name: value}.
+
+    spectral:      A, B from the top-r SVD, S = I, B0S0 = B   (so s B0 S0 A is W0's top-r part)
+    spectral_zero: A, B from the top-r SVD, S = 0, B0S0 = 0
+    random:        A Kaiming-uniform, B = 0, S = I, B0S0 = 0
+    """
+    weight = weight_as_out_in(base)
+    d_out, d_in = weight.shape
+    eye = torch.eye(r, dtype=torch.float32)
+    if config.init == "random":
+        A = kaiming_uniform_factor(r, d_in)
+        B = B0S0 = torch.zeros(d_out, r)
+        S = eye
+    else:
+        svd = top_svd(weight, r, method=config.svd_method, niter=config.svd_niter, seed=config.svd_seed, name=name)
+        factors = spectral_factors(svd, scaling)
+        A, B = factors.A, factors.B0
+        S = eye if config.init == "spectral" else torch.zeros(r, r)
+        B0S0 = B @ S
+    return {"lamda_A": A, "lamda_B": B, "lamda_S": S, "lamda_B0S0": B0S0}
