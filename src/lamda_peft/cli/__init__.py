@@ -1,0 +1,49 @@
+"""The ``lamda-peft`` command line: one module per subcommand.
+
+Each subcommand module defines ``add_parser(subparsers)`` (registering its options and ``func``); a user error
+raises ``UsageError`` and exits with code 2 and a one-line message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+SUBCOMMANDS = ("train", "eval", "spectrum", "report")
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as ``lamda-peft: error: <message>``, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lamda-peft", description="LaMDA, LaMDA++ and LoRA-FA fine-tuning tools")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"lamda_peft.cli.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"lamda_peft.cli.{name}":
+                continue  # subcommand not built yet
+            raise
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as err:
+        print(f"lamda-peft: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny random models for unit tests, real offline models and data for integration tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import lamda_peft  # noqa: F401  (registers the methods with PEFT)
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """A 2-layer LLaMA-like model (hidden 32) with random weights; the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def make_tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32) -> GPT2LMHeadModel:
+    """A 2-layer GPT-2 (Conv1D layers, transposed weights) with random weights."""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(config).to(dtype).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama
+
+
+@pytest.fixture
+def tiny_gpt2():
+    return make_tiny_gpt2
+
+
+@pytest.fixture
+def input_ids():
+    return torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(123))
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    from lamda_peft.models import ModelNotAvailable, minilm_path
+
+    try:
+        return minilm_path()
+    except ModelNotAvailable as err:
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    from lamda_peft.models import ModelNotAvailable, smollm2_path
+
+    try:
+        return smollm2_path()
+    except ModelNotAvailable as err:
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    path = SHARED_DATA / "glue"
+    if not path.is_dir():
+        pytest.skip(f"GLUE data not found at {path} (the project expects ../shared/data beside the checkout)")
+    return path
