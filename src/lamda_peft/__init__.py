@@ -7,7 +7,9 @@ Importing this package registers ``LAMDA`` and ``LORAFA`` with PEFT, so ``get_pe
 from __future__ import annotations
 
 from ._peft_registry import register
+from .callbacks import LamdaCallback
 from .export import export_lora
+from .freezing import PMBFreezer, attach_freezing, freeze_count
 from .tuners.lamda import LamdaConfig, LamdaLayer, LamdaModel
 from .tuners.lora_fa import LoraFAConfig, LoraFALayer, LoraFAModel
 
@@ -17,6 +19,10 @@ register("lamda", LamdaConfig, LamdaModel, prefix="lamda_")
 register("lorafa", LoraFAConfig, LoraFAModel, prefix="lorafa_")
 
 __all__ = [
+    "LamdaCallback",
+    "PMBFreezer",
+    "attach_freezing",
+    "freeze_count",
     "LamdaConfig",
     "LamdaLayer",
     "LamdaModel",

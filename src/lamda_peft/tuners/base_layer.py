@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
@@ -32,6 +33,8 @@ class LowRankDeltaLayer(nn.Module, BaseTunerLayer):
 
     #: names of the buffers holding frozen factors, checked on load (subclasses set them)
     frozen_factor_names: tuple[str, ...] = ()
+    #: factors kept in the base weight's dtype (A); all others are float32
+    base_dtype_factor_names: tuple[str, ...] = ()
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         super().__init__()
@@ -44,7 +47,12 @@ class LowRankDeltaLayer(nn.Module, BaseTunerLayer):
         self.frozen_peft_weight_names = {}  # per instance: PEFT's class-level default is a shared dict
         # Adapters whose factors are placeholders waiting for a checkpoint; see ``_defer_init``.
         self._pending_init: dict[str, InitFn] = {}
-        self.register_state_dict_pre_hook(lambda module, *args: module._materialize_pending())
+        # Columns of B whose gradient is zeroed in backward, per adapter (set by lamda_peft.freezing).
+        self.b_frozen_columns: dict[str, slice] = {}
+        # Pending adapters whose weights PEFT is loading right now (``expect_checkpoint``): PEFT reads the model's
+        # state_dict while matching keys, and that read must not trigger the deferred decomposition.
+        self._incoming: set[str] = set()
+        self.register_state_dict_pre_hook(lambda module, *args: module._materialize_pending(skip_incoming=True))
         self.kwargs = kwargs
 
     # -- subclasses -------------------------------------------------------------------------------------
@@ -53,6 +61,34 @@ class LowRankDeltaLayer(nn.Module, BaseTunerLayer):
 
     def _dropout(self, adapter: str) -> nn.Module:
         raise NotImplementedError
+
+    def _b_grad_transform(self, adapter: str) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """What B's gradient goes through in backward (None: nothing). Here: zero the frozen columns."""
+        columns = self.b_frozen_columns.get(adapter)
+        if columns is None:
+            return None
+
+        def mask(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.clone()
+            grad[:, columns] = 0
+            return grad
+
+        return mask
+
+    def _b_for_delta(self, adapter: str, B: torch.Tensor) -> torch.Tensor:
+        """B as the delta path uses it: a view carrying a gradient hook where ``_b_grad_transform`` asks for one.
+
+        The hook sits on the tensor the forward uses (the unsharded B under FSDP2), so the gradient is transformed
+        before any reduction, clipping or optimizer sees it; a view saves nothing extra for backward.
+        """
+        if not (B.requires_grad and torch.is_grad_enabled()):
+            return B
+        transform = self._b_grad_transform(adapter)
+        if transform is None:
+            return B
+        B = B.view_as(B)
+        B.register_hook(transform)
+        return B
 
     # -- init -------------------------------------------------------------------------------------------
     def _assign_factors(self, adapter: str, init_fn: InitFn, *, defer: bool) -> None:
@@ -69,9 +105,17 @@ class LowRankDeltaLayer(nn.Module, BaseTunerLayer):
             for name, value in init_fn().items():
                 getattr(self, name)[adapter].copy_(value)
 
-    def _materialize_pending(self) -> None:
+    def _materialize_pending(self, skip_incoming: bool = False) -> None:
         for adapter in list(self._pending_init):
+            if skip_incoming and adapter in self._incoming:
+                continue
+            self._incoming.discard(adapter)
             self._assign_factors(adapter, self._pending_init.pop(adapter), defer=False)
+
+    def expect_checkpoint(self, adapter: str) -> None:
+        """Called by the tuner when PEFT starts loading ``adapter``'s weights (see LowRankDeltaTuner)."""
+        if adapter in self._pending_init:
+            self._incoming.add(adapter)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         for adapter in self.r:
@@ -88,6 +132,22 @@ class LowRankDeltaLayer(nn.Module, BaseTunerLayer):
         for adapter in list(self._pending_init):
             if all(f"{prefix}{name}.{adapter}" in state_dict for name in self.frozen_factor_names):
                 del self._pending_init[adapter]  # the checkpoint supplied the factors: no decomposition
+                self._incoming.discard(adapter)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """Move to the base layer's device, keeping our dtype policy (PEFT's version casts all to the base dtype):
+        the frozen A in the base dtype (x A^T needs no cast, so no copy of A or x is kept), everything else float32."""
+        weight = self.get_base_layer().weight
+        device = device or weight.device
+        if device.type == "meta":
+            return
+        for name in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, name, None)
+            if isinstance(container, (nn.ParameterDict, BufferDict)) and adapter_name in container:
+                dtype = weight.dtype if name in self.base_dtype_factor_names else torch.float32
+                container[adapter_name] = container[adapter_name].to(device=device, dtype=dtype)
+            elif isinstance(container, nn.ModuleDict) and adapter_name in container:
+                container[adapter_name].to(device)
 
     # -- forward ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -104,6 +164,7 @@ class LowRankDeltaLayer(nn.Module, BaseTunerLayer):
             if adapter not in self.r:
                 continue
             A, B, S, B0S0 = self._factors(adapter)
+            B = self._b_for_delta(adapter, B)
             xa = self._dropout(adapter)(nn.functional.linear(x, A.to(x.dtype)))  # (..., r): all autograd keeps
             delta = LowRankDelta.apply(xa, B, S, B0S0, self.scaling[adapter])
             result = result + delta.to(result.dtype)
@@ -146,4 +207,6 @@ class LowRankDeltaLayer(nn.Module, BaseTunerLayer):
         super().delete_adapter(adapter_name)
         self.r.pop(adapter_name, None)
         self.scaling.pop(adapter_name, None)
+        self.b_frozen_columns.pop(adapter_name, None)
         self._pending_init.pop(adapter_name, None)
+        self._incoming.discard(adapter_name)

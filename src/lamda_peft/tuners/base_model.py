@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+from peft.tuners.tuners_utils import (
+    MIN_TARGET_MODULES_FOR_OPTIMIZATION,
+    BaseTuner,
+    BaseTunerLayer,
+    _find_minimal_target_modules,
+    _maybe_include_all_linear_layers,
+)
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import get_pattern_key
 
+from ..allocation import allocate_energy_ranks
+from .base_layer import LowRankDeltaLayer
 from .checkpoint import is_loaded_from_checkpoint
 from .delta import base_weight_shape
 
@@ -21,12 +31,55 @@ class LowRankDeltaTuner(BaseTuner):
 
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Our layers set their own dtypes (trainable factors float32, A in the base dtype). PEFT's default would
+        also upcast A to float32 under a bf16 base, and every step would then cast it back: a saved copy per layer."""
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """PEFT calls this when it starts loading saved weights into ``adapter_name``: the signal that the layers'
+        deferred init (see checkpoint.py) must wait for the checkpoint instead of running the decomposition."""
+        for module in model.modules():
+            if isinstance(module, LowRankDeltaLayer):
+                module.expect_checkpoint(adapter_name)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       low_cpu_mem_usage: bool = False, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """PEFT's injection, preceded by LaMDA++'s rank allocation when the config asks for it.
+
+        The allocation runs on a copy of the config (the caller's object stays reusable on another model) and
+        its SVDs are kept until each layer's spectral init has used them, so every weight is decomposed once.
+        """
+        self._svd_cache: dict[str, Any] = {}
+        config = self.peft_config[adapter_name]
+        planned = None
+        if getattr(config, "rank_allocation", "uniform") == "energy" and state_dict is None:
+            if not config.rank_pattern:
+                config = self.peft_config[adapter_name] = copy.deepcopy(config)
+            planned = find_target_modules(model, config, self.target_module_mapping)
+            self._svd_cache = allocate_energy_ranks(config, planned)
+        try:
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
+        finally:
+            self._svd_cache = {}
+        if planned is not None:
+            wrapped = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and adapter_name in m.r]
+            if wrapped != list(planned):  # our copy of PEFT's matching drifted from PEFT's: never allocate silently
+                raise RuntimeError(
+                    f"LaMDA++ allocated ranks for {len(planned)} modules but PEFT wrapped {len(wrapped)}; please report "
+                    "this with your target_modules, or list the target modules explicitly."
+                )
+
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **optional_kwargs: Any):
         if current_key is None:
             raise ValueError("current_key must be given to match rank_pattern and alpha_pattern")
         r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), current_key), config.r)
         alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), current_key), config.lora_alpha)
         kwargs = dict(r=r, lora_alpha=alpha, module_name=current_key, defer_init=is_loaded_from_checkpoint(config))
+        svd = getattr(self, "_svd_cache", {}).pop(current_key, None)
+        if svd is not None:  # LaMDA++ already decomposed this weight
+            kwargs["svd"] = svd
         if isinstance(target, self.tuner_layer_cls):
             target.update_layer(adapter_name, config, **kwargs)
             return
@@ -39,3 +92,38 @@ class LowRankDeltaTuner(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # a second adapter is not trainable until set_adapter selects it
         self._replace_module(parent, target_name, new_module, target)
+
+
+def find_target_modules(model: nn.Module, config, target_module_mapping=TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+                        ) -> dict[str, nn.Module]:
+    """{name: base Linear/Conv1D} of the modules PEFT's ``inject_adapter`` wraps for ``config``, in model order.
+
+    Same steps as PEFT: default targets per architecture, "all-linear" expanded without the output head, then
+    ``check_target_module_exists`` (exclude_modules, layers_to_transform, ...). Modules inside an existing adapter
+    layer are skipped, as PEFT does. Works on a shallow copy: ``config`` is not modified.
+    """
+    probe = copy.copy(config)
+    if probe.target_modules is None:
+        targets = target_module_mapping.get(BaseTuner.get_model_config(model).get("model_type"))
+        if targets is None:
+            raise ValueError("Please specify `target_modules` in the config: this architecture has no default")
+        probe.target_modules = targets if isinstance(targets, str) else set(targets)
+    probe = _maybe_include_all_linear_layers(probe, model)
+    names = [name for name, _ in model.named_modules()]
+    if isinstance(probe.target_modules, (list, set)) and len(probe.target_modules) >= MIN_TARGET_MODULES_FOR_OPTIMIZATION:
+        # PEFT shortens a long list of full names to suffixes, which changes what layers_to_transform does
+        suffixes = tuple("." + suffix for suffix in probe.target_modules)
+        others = [n for n in names if n not in probe.target_modules and not n.endswith(suffixes)]
+        shorter = _find_minimal_target_modules(probe.target_modules, others)
+        if len(shorter) < len(probe.target_modules):
+            probe.target_modules = shorter
+    found: dict[str, nn.Module] = {}
+    inside_adapter: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix) for prefix in inside_adapter):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            inside_adapter.append(name + ".")
+        if BaseTuner._check_target_module_exists(probe, name):
+            found[name] = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+    return found

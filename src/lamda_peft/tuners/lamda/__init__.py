@@ -1,5 +1,5 @@
 from .config import LamdaConfig
-from .layer import LamdaLayer
+from .layer import LamdaLayer, LamdaLinear
 from .model import LamdaModel
 
-__all__ = ["LamdaConfig", "LamdaLayer", "LamdaModel"]
+__all__ = ["LamdaConfig", "LamdaLayer", "LamdaLinear", "LamdaModel"]

@@ -16,6 +16,7 @@ LAMDA = peft_type("LAMDA")
 INITS = ("spectral", "spectral_zero", "random")
 SVD_METHODS = ("exact", "randomized")
 FREEZE_ORDERS = ("largest_first", "smallest_first")
+RANK_ALLOCATIONS = ("uniform", "energy")
 
 
 @dataclass
@@ -51,7 +52,21 @@ class LamdaConfig(PeftConfig):
     freeze_order: Literal["largest_first", "smallest_first"] = field(
         default="largest_first", metadata={"help": "Which singular directions of B freeze first."}
     )
-    rank_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module ranks {name or regex: r}."})
+    rank_pattern: dict = field(
+        default_factory=dict,
+        metadata={"help": "Per-module ranks {name or regex: r}. With rank_allocation='energy' it holds the computed "
+                          "allocation (one escaped module name per targeted module) and is reused as is."},
+    )
+    rank_allocation: Literal["uniform", "energy"] = field(
+        default="uniform",
+        metadata={"help": "'uniform' (r everywhere, or rank_pattern) or 'energy' (LaMDA++: ranks from the spectral "
+                          "energy of each weight, computed once at injection and written to rank_pattern)."},
+    )
+    r_min: Optional[int] = field(default=None, metadata={"help": "LaMDA++ lower rank bound (default max(1, r // 2))."})
+    r_max: Optional[int] = field(default=None, metadata={"help": "LaMDA++ upper rank bound (default 2 r)."})
+    rank_budget: Optional[int] = field(
+        default=None, metadata={"help": "LaMDA++ total rank sum_l r_l (default r times the number of targeted modules)."}
+    )
     alpha_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module lora_alpha {name or regex: alpha}."})
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
     layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Name of the layer list."})
@@ -68,6 +83,7 @@ class LamdaConfig(PeftConfig):
         _check_choice("freeze_order", self.freeze_order, FREEZE_ORDERS)
         if not isinstance(self.svd_niter, int) or self.svd_niter < 0:
             raise ValueError(f"svd_niter must be an integer >= 0, got {self.svd_niter!r}")
+        _check_rank_allocation(self)
         if not 0.0 <= float(self.freeze_ratio) <= 1.0:
             raise ValueError(
                 f"freeze_ratio must be in [0, 1] (0 freezes B from the start, 1 at the very end), got {self.freeze_ratio!r}"
@@ -76,6 +92,33 @@ class LamdaConfig(PeftConfig):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
         return mark_loaded_from_checkpoint(super().from_pretrained(pretrained_model_name_or_path, subfolder, **kwargs))
+
+    @property
+    def rank_bounds(self) -> tuple[int, int]:
+        """(r_min, r_max) of LaMDA++ with the defaults of method.md 3.3 filled in."""
+        r_min = self.r_min if self.r_min is not None else max(1, self.r // 2)
+        r_max = self.r_max if self.r_max is not None else 2 * self.r
+        return r_min, r_max
+
+
+def _check_rank_allocation(config: LamdaConfig) -> None:
+    _check_choice("rank_allocation", config.rank_allocation, RANK_ALLOCATIONS)
+    for name in ("r_min", "r_max", "rank_budget"):
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if config.rank_allocation != "energy":
+            raise ValueError(f"{name} only applies to rank_allocation='energy'; set rank_allocation='energy' or drop {name}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    r_min, r_max = config.rank_bounds
+    if r_min > r_max:
+        raise ValueError(f"r_min={r_min} is larger than r_max={r_max}; LaMDA++ needs r_min <= r_max")
+    if config.rank_allocation == "energy" and config.rank_budget is None and not r_min <= config.r <= r_max:
+        raise ValueError(
+            f"the default rank budget (r={config.r} per module) cannot be met with ranks in [{r_min}, {r_max}]; "
+            "choose r_min <= r <= r_max, or set rank_budget"
+        )
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -12,27 +12,28 @@ The base weight W0 is never modified (except by an explicit ``merge``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from peft.tuners._buffer_dict import BufferDict
 
-from ...spectral import kaiming_uniform_factor, spectral_factors, top_svd
+from ...spectral import TopSVD, kaiming_uniform_factor, spectral_factors, top_svd
 from ..base_layer import LowRankDeltaLayer
 from ..delta import weight_as_out_in
 from .config import LamdaConfig
 
 
-class LamdaLayer(LowRankDeltaLayer):
+class LamdaLinear(LowRankDeltaLayer):
     """A ``torch.nn.Linear`` or transformers ``Conv1D`` with LaMDA adapters (several may coexist)."""
 
     adapter_layer_names = ("lamda_S", "lamda_B")
     other_param_names = ("r", "scaling", "lamda_A", "lamda_B0S0", "lamda_dropout")
     frozen_factor_names = ("lamda_A", "lamda_B0S0")
+    base_dtype_factor_names = ("lamda_A",)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LamdaConfig, r: int, lora_alpha: float,
-                 module_name: str = "", defer_init: bool = False, **kwargs: Any) -> None:
+                 module_name: str = "", defer_init: bool = False, svd: Optional[TopSVD] = None, **kwargs: Any) -> None:
         super().__init__(base_layer, **kwargs)
         self.lamda_A = BufferDict({}, persistent=True)
         self.lamda_B0S0 = BufferDict({}, persistent=True)
@@ -40,7 +41,7 @@ class LamdaLayer(LowRankDeltaLayer):
         self.lamda_B = nn.ParameterDict({})
         self.lamda_dropout = nn.ModuleDict({})
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, r, lora_alpha, module_name=module_name, defer_init=defer_init)
+        self.update_layer(adapter_name, config, r, lora_alpha, module_name=module_name, defer_init=defer_init, svd=svd)
 
     def _factors(self, adapter: str):
         return self.lamda_A[adapter], self.lamda_B[adapter], self.lamda_S[adapter], self.lamda_B0S0[adapter]
@@ -49,7 +50,7 @@ class LamdaLayer(LowRankDeltaLayer):
         return self.lamda_dropout[adapter]
 
     def update_layer(self, adapter_name: str, config: LamdaConfig, r: int, lora_alpha: float, *,
-                     module_name: str = "", defer_init: bool = False) -> None:
+                     module_name: str = "", defer_init: bool = False, svd: Optional[TopSVD] = None) -> None:
         """Add adapter ``adapter_name``: allocate A, S, B, B0S0 and initialize them (now, or deferred on load)."""
         d_in, d_out = self.in_features, self.out_features
         if not 1 <= r <= min(d_in, d_out):
@@ -69,7 +70,7 @@ class LamdaLayer(LowRankDeltaLayer):
         scaling = self.scaling[adapter_name]
 
         def init_fn() -> dict[str, torch.Tensor]:
-            return initial_factors(self.get_base_layer(), config, r, scaling, name=module_name)
+            return initial_factors(self.get_base_layer(), config, r, scaling, name=module_name, svd=svd)
 
         self._assign_factors(adapter_name, init_fn, defer=defer_init or weight.device.type == "meta")
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -78,7 +79,13 @@ class LamdaLayer(LowRankDeltaLayer):
         return "lamda." + super().__repr__()
 
 
-def initial_factors(base: nn.Module, config: LamdaConfig, r: int, scaling: float, name: str = "") -> dict[str, torch.Tensor]:
+# PEFT recognises an already-wrapped layer as linear (for "all-linear" on a second adapter) by the "Linear" in
+# its class name; LamdaLayer is the name used across lamda_peft.
+LamdaLayer = LamdaLinear
+
+
+def initial_factors(base: nn.Module, config: LamdaConfig, r: int, scaling: float, name: str = "",
+                    svd: Optional[TopSVD] = None) -> dict[str, torch.Tensor]:
     """The init of method.md 3.1 for one layer, as {container name: value}.
 
     spectral:      A, B from the top-r SVD, S = I, B0S0 = B   (so s B0 S0 A is W0's top-r part)
@@ -93,7 +100,8 @@ def initial_factors(base: nn.Module, config: LamdaConfig, r: int, scaling: float
         B = B0S0 = torch.zeros(d_out, r)
         S = eye
     else:
-        svd = top_svd(weight, r, method=config.svd_method, niter=config.svd_niter, seed=config.svd_seed, name=name)
+        if svd is None:  # LaMDA++ passes the decomposition it already made (truncated to r)
+            svd = top_svd(weight, r, method=config.svd_method, niter=config.svd_niter, seed=config.svd_seed, name=name)
         factors = spectral_factors(svd, scaling)
         A, B = factors.A, factors.B0
         S = eye if config.init == "spectral" else torch.zeros(r, r)

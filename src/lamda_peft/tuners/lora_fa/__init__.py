@@ -1,5 +1,5 @@
 from .config import LoraFAConfig
-from .layer import LoraFALayer
+from .layer import LoraFALayer, LoraFALinear
 from .model import LoraFAModel
 
-__all__ = ["LoraFAConfig", "LoraFALayer", "LoraFAModel"]
+__all__ = ["LoraFAConfig", "LoraFALayer", "LoraFALinear", "LoraFAModel"]

@@ -31,11 +31,18 @@ class LoraFAConfig(PeftConfig):
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
     layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Name of the layer list."})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules trained in full."})
+    grad_correction: bool = field(
+        default=False,
+        metadata={"help": "LoRA-FA v2: replace B's gradient g_B by (1/s^2) g_B (A A^T)^+ (the projection of the full "
+                          "gradient onto B's span); (A A^T)^+ is r x r, computed once per layer."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = LORAFA
         check_common_fields(self)
+        if not isinstance(self.grad_correction, bool):
+            raise ValueError(f"grad_correction must be True or False, got {self.grad_correction!r}")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

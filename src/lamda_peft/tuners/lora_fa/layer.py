@@ -21,12 +21,13 @@ from ..base_layer import LowRankDeltaLayer
 from .config import LoraFAConfig
 
 
-class LoraFALayer(LowRankDeltaLayer):
+class LoraFALinear(LowRankDeltaLayer):
     """A ``torch.nn.Linear`` or transformers ``Conv1D`` with LoRA-FA adapters."""
 
     adapter_layer_names = ("lorafa_B",)
-    other_param_names = ("r", "scaling", "lorafa_A", "lorafa_dropout")
+    other_param_names = ("r", "scaling", "lorafa_A", "lorafa_dropout", "grad_correction")
     frozen_factor_names = ("lorafa_A",)
+    base_dtype_factor_names = ("lorafa_A",)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraFAConfig, r: int, lora_alpha: float,
                  module_name: str = "", defer_init: bool = False, **kwargs: Any) -> None:
@@ -34,6 +35,10 @@ class LoraFALayer(LowRankDeltaLayer):
         self.lorafa_A = BufferDict({}, persistent=True)
         self.lorafa_B = nn.ParameterDict({})
         self.lorafa_dropout = nn.ModuleDict({})
+        self.grad_correction: dict[str, bool] = {}
+        # (A A^T)^+ per adapter, with the (storage, version) of the A it was computed from: A is frozen, so this
+        # is computed once, and again only if A is replaced (e.g. filled by a checkpoint).
+        self._aat_pinv: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, r, lora_alpha, module_name=module_name, defer_init=defer_init)
 
@@ -42,6 +47,27 @@ class LoraFALayer(LowRankDeltaLayer):
 
     def _dropout(self, adapter: str) -> nn.Module:
         return self.lorafa_dropout[adapter]
+
+    def _b_grad_transform(self, adapter: str):
+        """LoRA-FA v2 (method.md section 2): g_B <- (1/s^2) g_B (A A^T)^+, applied in backward, before clipping."""
+        if not self.grad_correction.get(adapter, False):
+            return super()._b_grad_transform(adapter)
+        factor = self._aat_pinv_of(adapter) / self.scaling[adapter] ** 2  # (r, r)
+
+        def correct(grad: torch.Tensor) -> torch.Tensor:
+            return grad @ factor.to(grad.dtype)
+
+        return correct
+
+    def _aat_pinv_of(self, adapter: str) -> torch.Tensor:
+        A = self.lorafa_A[adapter]
+        key = (A.data_ptr(), A._version)
+        cached = self._aat_pinv.get(adapter)
+        if cached is None or cached[0] != key:
+            A64 = A.detach().double()
+            cached = (key, torch.linalg.pinv(A64 @ A64.T).float())  # r x r; A A^T = I for orthonormal rows
+            self._aat_pinv[adapter] = cached
+        return cached[1]
 
     def update_layer(self, adapter_name: str, config: LoraFAConfig, r: int, lora_alpha: float, *,
                      module_name: str = "", defer_init: bool = False) -> None:
@@ -54,6 +80,7 @@ class LoraFALayer(LowRankDeltaLayer):
         weight = self.get_base_layer().weight
         self.r[adapter_name] = r
         self.scaling[adapter_name] = lora_alpha / r
+        self.grad_correction[adapter_name] = config.grad_correction
         self.lorafa_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.lorafa_A[adapter_name] = torch.zeros(r, d_in, device=weight.device, dtype=weight.dtype)
         self.lorafa_B[adapter_name] = nn.Parameter(torch.zeros(d_out, r, device=weight.device, dtype=torch.float32))
@@ -64,3 +91,8 @@ class LoraFALayer(LowRankDeltaLayer):
 
     def __repr__(self) -> str:
         return "lorafa." + super().__repr__()
+
+
+# PEFT recognises an already-wrapped layer as linear (for "all-linear" on a second adapter) by the "Linear" in
+# its class name; LoraFALayer is the name used across lamda_peft.
+LoraFALayer = LoraFALinear

@@ -1,0 +1,72 @@
+"""LamdaCallback: the PMB freezing schedule for the transformers Trainer, with logging and resume.
+
+    trainer = Trainer(model=peft_model, args=args, ..., callbacks=[lamda_peft.LamdaCallback()])
+
+T is the Trainer's ``state.max_steps`` (it already folds in epochs, steps per epoch and gradient accumulation).
+The hooks go on the Trainer's optimizer at ``on_train_begin``; from then on ``lamda_peft.freezing`` does the work
+on every optimizer step. The logs get ``lamda_frozen_columns`` (over all modules) and ``lamda_frozen_fraction``.
+
+Resume: the callback is an ``ExportableState``, so the Trainer stores its state in ``trainer_state.json``. The
+freezing step is ``global_step`` minus the optimizer steps a loss scaler skipped, and the columns frozen by then
+are frozen at once from the checkpoint's B, whose frozen columns hold exactly their frozen values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from .freezing import PMBFreezer, Release, attach_freezing, check_release
+
+
+class LamdaCallback(TrainerCallback, ExportableState):
+    """Gradual freezing of LaMDA's B under the transformers Trainer (no Trainer subclass needed).
+
+    Args:
+        release: what happens to B once fully frozen, as in :func:`lamda_peft.attach_freezing`. Under the Trainer's
+            DDP (several processes, ``find_unused_parameters`` unset) ``"auto"`` keeps B masked.
+        adapter_name: the LaMDA adapter to freeze (default: the active ones).
+    """
+
+    def __init__(self, release: Release = "auto", adapter_name: Optional[str] = None) -> None:
+        self.release = check_release(release)
+        self.adapter_name = adapter_name
+        self.skipped_steps = 0  # optimizer steps the loss scaler skipped (they do not advance the schedule)
+        self.freezer: Optional[PMBFreezer] = None
+
+    def state(self) -> dict:
+        return {"args": {"release": self.release, "adapter_name": self.adapter_name},
+                "attributes": {"skipped_steps": self.skipped_steps}}
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs: Any):
+        if model is None or optimizer is None:
+            raise ValueError("LamdaCallback needs the Trainer's model and optimizer at on_train_begin")
+        if state.max_steps is None or state.max_steps <= 0:
+            raise ValueError(
+                "LamdaCallback needs the number of training steps: set max_steps or num_train_epochs with a dataset "
+                "of known length in TrainingArguments"
+            )
+        if self.freezer is not None:  # a second trainer.train(): start from this run's state
+            self.freezer.detach()
+        self.freezer = attach_freezing(model, optimizer, total_steps=state.max_steps, adapter_name=self.adapter_name,
+                                       release=self.release, start_step=state.global_step - self.skipped_steps)
+
+    def on_step_end(self, args, state, control, **kwargs: Any):
+        if self.freezer is not None:
+            self.skipped_steps = state.global_step - self.freezer.step
+
+    def on_log(self, args, state, control, logs=None, **kwargs: Any):
+        if self.freezer is None or logs is None:
+            return
+        figures = {"lamda_frozen_columns": self.freezer.frozen_columns,
+                   "lamda_frozen_fraction": round(self.freezer.frozen_fraction, 4)}
+        logs.update(figures)
+        # The Trainer appended a copy of ``logs`` to the history before calling the callbacks.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(figures)
+
+    def on_train_end(self, args, state, control, **kwargs: Any):
+        if self.freezer is not None:
+            self.freezer.detach()
