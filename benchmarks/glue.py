@@ -1,0 +1,183 @@
+"""GLUE accuracy benchmark: MiniLM with PEFT LoRA, PEFT PiSSA, LoRA-FA, LaMDA, LaMDA++ and full fine-tuning.
+
+Fair by construction: every method gets the same rank, targets, training steps, batch and token budget, and the same
+number of learning rates to choose from (its own small grid); the learning rate is chosen on a held-out part of the
+training split (never on dev), then the chosen one is trained with every seed and scored on dev.
+
+    python benchmarks/glue.py                        # the full benchmark (hours on 2 CPU cores)
+    python benchmarks/glue.py --tasks SST-2 RTE --train-size 256 --select-size 128 --steps 40 --seeds 0 \
+        --lr-grid 1 --label reduced                  # a reduced run (minutes)
+
+Each finished run is appended to docs/results/glue_<label>_runs.jsonl, and a rerun skips runs already there, so an
+interrupted benchmark resumes. The table (glue_<label>.md) and the plot (glue_<label>.png) are rebuilt at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+import lamda_peft  # noqa: F401  (registers the methods with PEFT)
+from lamda_peft.cli.eval import evaluate, load_base
+from lamda_peft.cli.train import peft_config, train_model, trainable, versions
+from lamda_peft.data import Table, infer_spec, read_table
+from lamda_peft.models import minilm_path
+
+ROOT = Path(__file__).resolve().parents[1]
+GLUE = ROOT.parent / "shared" / "data" / "glue"
+RESULTS = ROOT / "docs" / "results"
+# task: (reader options, columns, the score averaged into the GLUE mean)
+TASKS = {
+    "SST-2": (dict(), dict(text_columns=["sentence"], label_column="label"), ("accuracy",)),
+    "MRPC": (dict(), dict(text_columns=["#1 String", "#2 String"], label_column="Quality"), ("f1", "accuracy")),
+    "RTE": (dict(), dict(text_columns=["sentence1", "sentence2"], label_column="label"), ("accuracy",)),
+    "CoLA": (dict(header=False), dict(text_columns=["3"], label_column="1"), ("matthews_corr",)),
+    "STS-B": (dict(), dict(text_columns=["sentence1", "sentence2"], label_column="score"), ("pearson", "spearman")),
+}
+METHODS = ("lora", "pissa", "lora-fa", "lamda", "lamda++", "full")
+LR_GRID = {"full": (2e-5, 5e-5, 1e-4)}  # adapters: below
+ADAPTER_LR_GRID = (5e-4, 1e-3, 2e-3)
+
+
+def split(task: str, train_size: int, select_size: int, seed: int = 0) -> tuple[Table, Table, Table]:
+    """(train, select, dev): a seeded subsample of the training split, its held-out part, and the dev split."""
+    reader, _, _ = TASKS[task]
+    full = read_table(GLUE / task / "train.tsv", **reader)
+    rows = list(full.rows)
+    random.Random(seed).shuffle(rows)
+    rows = rows[: train_size + select_size]
+    dev = read_table(GLUE / task / "dev.tsv", **reader)
+    return (Table(full.columns, rows[select_size:], f"{task}/train"), Table(full.columns, rows[:select_size],
+            f"{task}/select"), dev)
+
+
+def score(task: str, metrics: dict) -> float:
+    return 100 * float(np.mean([metrics[k] for k in TASKS[task][2]]))
+
+
+def one_run(task: str, method: str, lr: float, seed: int, data, opts) -> dict:
+    train, select, dev = data
+    spec = infer_spec(train, dev, **TASKS[task][1], max_length=opts.max_length)
+    model, tokenizer = load_base(minilm_path(), spec.task, len(spec.classes or []) or 2)
+    torch.manual_seed(seed)
+    cfg = peft_config(method, opts.r, 2.0 * opts.r, "all-linear", spec.task, None)
+    from peft import get_peft_model
+
+    model = model if cfg is None else get_peft_model(model, cfg)
+    start = trainable(model)
+    args = SimpleNamespace(batch_size=opts.batch_size, lr=lr, epochs=None, max_steps=opts.steps, seed=seed,
+                           eval_steps=None, method=method)
+    began = time.time()
+    trainer = train_model(model, tokenizer, spec, spec.encode(train, tokenizer), None, args, Path("/tmp/glue-bench"))
+    return {
+        "task": task, "method": method, "lr": lr, "seed": seed, "steps": trainer.state.global_step,
+        "trainable_start": start, "trainable_end": trainable(model), "train_seconds": round(time.time() - began, 1),
+        "select": evaluate(model, tokenizer, spec, spec.encode(select, tokenizer), 64),
+        "dev": evaluate(model, tokenizer, spec, spec.encode(dev, tokenizer), 64),
+    }
+
+
+def summarize(runs: list[dict], opts) -> tuple[list[dict], dict]:
+    """Per task and method: the lr with the best held-out score (seed 0), then dev mean and spread over seeds."""
+    rows, best = [], {}
+    for task in opts.tasks:
+        for method in opts.methods:
+            mine = [r for r in runs if r["task"] == task and r["method"] == method]
+            chosen = [r for r in mine if r["seed"] == opts.seeds[0]]
+            if not chosen:
+                continue
+            lr = max(chosen, key=lambda r: score(task, r["select"]))["lr"]
+            final = [r for r in mine if r["lr"] == lr]
+            dev = [score(task, r["dev"]) for r in final]
+            rows.append({"task": task, "method": method, "lr": lr, "seeds": len(final), "dev_mean": float(np.mean(dev)),
+                         "dev_std": float(np.std(dev)), "trainable_start": final[0]["trainable_start"],
+                         "trainable_end": final[0]["trainable_end"]})
+            best[(task, method)] = rows[-1]
+    return rows, best
+
+
+def write_report(runs: list[dict], opts, stem: str) -> None:
+    rows, best = summarize(runs, opts)
+    methods = [m for m in opts.methods if any(k[1] == m for k in best)]
+    means = {m: np.mean([best[(t, m)]["dev_mean"] for t in opts.tasks if (t, m) in best]) for m in methods}
+    header = "| method | trainable at start | at end | " + " | ".join(opts.tasks) + " | mean |"
+    lines = [header, "|" + "---|" * (len(opts.tasks) + 4)]
+    for m in methods:
+        any_row = next(best[(t, m)] for t in opts.tasks if (t, m) in best)
+        cells = [f"{best[(t, m)]['dev_mean']:.1f} ± {best[(t, m)]['dev_std']:.1f} (lr {best[(t, m)]['lr']:g})"
+                 if (t, m) in best else "-" for t in opts.tasks]
+        lines.append(f"| {m} | {any_row['trainable_start']:,} | {any_row['trainable_end']:,} | "
+                     + " | ".join(cells) + f" | {means[m]:.1f} |")
+    (RESULTS / f"{stem}_table.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}_summary.json").write_text(json.dumps(
+        {"command": " ".join(["python", *sys.argv]), "options": vars(opts), "versions": versions(), "rows": rows},
+        indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3 + 1.2 * len(opts.tasks), 4))
+    width = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        x = np.arange(len(opts.tasks)) + i * width
+        ax.bar(x, [best[(t, m)]["dev_mean"] if (t, m) in best else 0 for t in opts.tasks], width,
+               yerr=[best[(t, m)]["dev_std"] if (t, m) in best else 0 for t in opts.tasks], label=m)
+    ax.set_xticks(np.arange(len(opts.tasks)) + 0.4 - width / 2, opts.tasks)
+    ax.set_ylabel("dev score (x100)"), ax.set_title(f"GLUE, MiniLM, r={opts.r} ({opts.label})"), ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout(), fig.savefig(RESULTS / f"{stem}.png", dpi=100), plt.close(fig)
+    print("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--train-size", type=int, default=2000, help="training rows (subsampled, seeded)")
+    p.add_argument("--select-size", type=int, default=500, help="held-out training rows for choosing the lr")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--lr-grid", type=int, default=3, help="how many learning rates of each method's grid to try")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--label", default="full", help="names the result files: docs/results/glue_<label>*")
+    opts = p.parse_args()
+    if not GLUE.is_dir():
+        sys.exit(f"GLUE data not found at {GLUE} (the benchmark reads ../shared/data/glue)")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = f"glue_{opts.label}"
+    log = RESULTS / f"{stem}_runs.jsonl"
+    runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    done = {(r["task"], r["method"], r["lr"], r["seed"]) for r in runs}
+    for task in opts.tasks:
+        data = split(task, opts.train_size, opts.select_size)
+        for method in opts.methods:
+            grid = LR_GRID.get(method, ADAPTER_LR_GRID)
+            grid = grid[len(grid) // 2:][: opts.lr_grid] if opts.lr_grid == 1 else grid[: opts.lr_grid]
+            for lr in grid:  # selection: every lr with the first seed
+                if (task, method, lr, opts.seeds[0]) not in done:
+                    runs.append(one_run(task, method, lr, opts.seeds[0], data, opts))
+                    with log.open("a") as fh:
+                        fh.write(json.dumps(runs[-1]) + "\n")
+            chosen = [r for r in runs if r["task"] == task and r["method"] == method and r["seed"] == opts.seeds[0]]
+            lr = max(chosen, key=lambda r: score(task, r["select"]))["lr"]
+            for seed in opts.seeds[1:]:  # final numbers: the chosen lr with every seed
+                if (task, method, lr, seed) not in done:
+                    runs.append(one_run(task, method, lr, seed, data, opts))
+                    with log.open("a") as fh:
+                        fh.write(json.dumps(runs[-1]) + "\n")
+            print(f"{task} {method}: lr {lr:g}, {len([r for r in runs if r['task'] == task])} runs so far", flush=True)
+    write_report(runs, opts, stem)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""GSM8K with SmolLM2-135M-Instruct: the same number of steps for every method, then the response-token loss on
+the test split and the final-answer exact match (greedy, ``#### N``) on a fixed sample of it.
+
+    python benchmarks/gsm8k.py                       # full: 1000 training rows, 300 steps, whole test loss
+    python benchmarks/gsm8k.py --methods lora lamda --train-size 64 --steps 8 --test-size 24 --em-size 4 \
+        --max-new-tokens 96 --label reduced          # a reduced run (minutes)
+
+The untrained base model is scored too (method "base"). Results: docs/results/gsm8k_<label>{.md,.png,.json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+import lamda_peft  # noqa: F401  (registers the methods with PEFT)
+from lamda_peft.cli.eval import evaluate, generation_report, load_base
+from lamda_peft.cli.train import peft_config, train_model, trainable, versions
+from lamda_peft.data import Table, infer_spec, read_table
+from lamda_peft.models import smollm2_path
+
+ROOT = Path(__file__).resolve().parents[1]
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
+RESULTS = ROOT / "docs" / "results"
+METHODS = ("lora", "pissa", "lora-fa", "lamda", "lamda++", "full")
+
+
+def run_method(method: str, train: Table, test: Table, opts) -> dict:
+    spec = infer_spec(train, test, task="causal-lm", max_length=opts.max_length)
+    model, tokenizer = load_base(smollm2_path(), "causal-lm")
+    torch.manual_seed(opts.seed)
+    result: dict = {"method": method}
+    began = time.time()
+    if method != "base":
+        cfg = peft_config(method, opts.r, 2.0 * opts.r, "all-linear", "causal-lm", None)
+        from peft import get_peft_model
+
+        model = model if cfg is None else get_peft_model(model, cfg)
+        result["trainable_start"] = trainable(model)
+        lr = opts.lr_full if method == "full" else opts.lr
+        args = SimpleNamespace(batch_size=opts.batch_size, lr=lr, epochs=None, max_steps=opts.steps,
+                               seed=opts.seed, eval_steps=None, method=method)
+        train_model(model, tokenizer, spec, spec.encode(train, tokenizer), None, args, Path("/tmp/gsm8k-bench"))
+        result |= {"trainable_end": trainable(model), "lr": lr}
+    result["train_seconds"] = round(time.time() - began, 1)
+    result["test"] = evaluate(model, tokenizer, spec, spec.encode(test, tokenizer), opts.batch_size)
+    gen = generation_report(model, tokenizer, spec, test, opts.em_size, opts.max_new_tokens)
+    result["exact_match"], result["samples"] = gen.get("final_answer_exact_match"), gen["samples"][:2]
+    print(f"{method}: test loss {result['test']['loss']:.4f}, exact match {result['exact_match']}", flush=True)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--train-size", type=int, default=1000)
+    p.add_argument("--test-size", type=int, default=1319, help="test rows for the loss (first N of the split)")
+    p.add_argument("--em-size", type=int, default=100, help="test rows for the exact match (first N)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=384)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-4, help="learning rate of the adapter methods")
+    p.add_argument("--lr-full", type=float, default=2e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", default="full")
+    opts = p.parse_args()
+    if not GSM8K.is_dir():
+        sys.exit(f"GSM8K not found at {GSM8K} (the benchmark reads ../shared/data/gsm8k)")
+    train = read_table(GSM8K / "train.jsonl")
+    train.rows = train.rows[: opts.train_size]
+    test = read_table(GSM8K / "test.jsonl")
+    test.rows = test.rows[: opts.test_size]
+    results = [run_method(m, train, test, opts) for m in ["base", *opts.methods]]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"gsm8k_{opts.label}"
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"command": " ".join(["python", *sys.argv]), "options": vars(opts), "versions": versions(),
+         "results": results}, indent=2) + "\n")
+    lines = ["| method | trainable at start | at end | lr | test loss (response tokens) | exact match |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        em = "-" if r["exact_match"] is None else f"{100 * r['exact_match']:.1f}% of {opts.em_size}"
+        lines.append(f"| {r['method']} | {r.get('trainable_start', 0):,} | {r.get('trainable_end', 0):,} | "
+                     f"{r.get('lr', '-')} | {r['test']['loss']:.4f} | {em} |")
+    stem.with_name(stem.name + "_table.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([r["method"] for r in results], [r["test"]["loss"] for r in results])
+    ax.set_ylabel("test loss, response tokens"), ax.set_title(f"GSM8K, SmolLM2-135M, {opts.steps} steps ({opts.label})")
+    lows = [r["test"]["loss"] for r in results]
+    ax.set_ylim(min(lows) * 0.95, max(lows) * 1.02)
+    fig.tight_layout(), fig.savefig(stem.with_suffix(".png"), dpi=100), plt.close(fig)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""``lamda-peft eval``: load a trained adapter (or a fully fine-tuned model) and report its metrics on a file.
+
+Also the evaluation helpers that ``lamda-peft train`` uses for its final metrics, so that both commands report
+exactly the same numbers: ``load_base`` (model class by task), ``evaluate`` (metrics from one pass over a dataset),
+``generate`` (greedy answers for causal-lm, with GSM8K final-number exact match).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .. import metrics as M
+from ..data import BBC_NEWS, CausalLMCollator, DataError, DataSpec, Table, bbc_news, prompt_text, read_table
+from . import UsageError
+
+RUN_FILE = "metrics.json"  # written by train: its "config" says how to rebuild the model and read the data
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval", help="evaluate a trained adapter on a data file",
+        description="Load an adapter written by 'lamda-peft train' (or any PEFT adapter, with --model and --task) "
+                    "and report the task metrics on --validation-file.",
+    )
+    p.add_argument("--adapter", required=True, help="folder written by 'lamda-peft train' (or a PEFT adapter)")
+    p.add_argument("--validation-file", help="csv, tsv, json or jsonl (default: the run's own validation data)")
+    p.add_argument("--model", help="base model (alias, folder or Hub id; default: the one the run used)")
+    p.add_argument("--task", help="classification, regression or causal-lm (default: the run's task)")
+    p.add_argument("--text-column", nargs="+", help="text column(s) (default: the run's)")
+    p.add_argument("--label-column", help="label column (default: the run's)")
+    p.add_argument("--prompt-column", help="causal-lm prompt column (default: the run's)")
+    p.add_argument("--response-column", help="causal-lm response column (default: the run's)")
+    p.add_argument("--no-header", action="store_true", help="the csv/tsv file has no header row (columns 0, 1, ...)")
+    p.add_argument("--max-length", type=int, help="tokens per example (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-generate", type=int, default=8, help="causal-lm: greedy answers for the first N rows")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="causal-lm: generation length limit")
+    p.add_argument("--output", help="also write the metrics as JSON to this file")
+    p.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+
+
+def load_base(path: str, task: str, num_labels: int = 2, dtype: torch.dtype = torch.float32):
+    """The base model and tokenizer for ``task``; a pad token is set where the tokenizer has none."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if task == "causal-lm":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:
+        problem = "regression" if task == "regression" else "single_label_classification"
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1 if task == "regression" else num_labels, problem_type=problem, dtype=dtype)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def collator_for(spec: DataSpec, tokenizer):
+    from transformers import DataCollatorWithPadding
+
+    if spec.task == "causal-lm":
+        return CausalLMCollator(tokenizer.pad_token_id)
+    return DataCollatorWithPadding(tokenizer)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, spec: DataSpec, dataset, batch_size: int = 32) -> dict[str, float]:
+    """Task metrics from one pass: accuracy/F1/MCC, Pearson/Spearman, or the response-token loss and perplexity.
+
+    The loss is averaged over examples (classification, regression) or over response tokens (causal-lm).
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    collate = collator_for(spec, tokenizer)
+    loss_sum, count, outputs, labels = 0.0, 0, [], []
+    for start in range(0, len(dataset), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        target = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        if spec.task == "causal-lm":  # next-token loss on response tokens only (prompt and padding are -100)
+            shifted = target[:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100, reduction="sum")
+            loss_sum, count = loss_sum + loss.item(), count + int((shifted != -100).sum())
+        elif spec.task == "regression":
+            pred = logits.squeeze(-1)
+            loss_sum, count = loss_sum + ((pred - target) ** 2).sum().item(), count + len(target)
+            outputs.append(pred.cpu().numpy()), labels.append(target.cpu().numpy())
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+            loss_sum, count = loss_sum + loss.item(), count + len(target)
+            outputs.append(logits.argmax(-1).cpu().numpy()), labels.append(target.cpu().numpy())
+    loss = loss_sum / max(count, 1)
+    if spec.task == "causal-lm":
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "response_tokens": count}
+    pred, true = np.concatenate(outputs), np.concatenate(labels)
+    if spec.task == "regression":
+        return {"loss": loss, **M.regression_metrics(pred, true)}
+    return {"loss": loss, **M.classification_metrics(pred, true, len(spec.classes))}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy continuations of ``prompts`` (formatted as in training), left-padded in batches."""
+    model.eval()
+    device = next(model.parameters()).device
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    answers = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [prompt_text(tokenizer, p) for p in prompts[start:start + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def generation_report(model, tokenizer, spec: DataSpec, table: Table, n: int, max_new_tokens: int) -> dict[str, Any]:
+    """Greedy answers for the first ``n`` rows; GSM8K-style references (``#### N``) add the exact-match rate."""
+    rows = table.rows[:n]
+    prompts = [str(r[spec.prompt_column]) for r in rows]
+    references = [str(r[spec.response_column]) for r in rows]
+    answers = generate(model, tokenizer, prompts, max_new_tokens)
+    report: dict[str, Any] = {"generated": len(answers)}
+    if M.has_final_answers(references):
+        report["final_answer_exact_match"] = M.exact_match(answers, references)
+    report["samples"] = [{"prompt": p, "reference": r, "generated": a} for p, r, a in zip(prompts, references, answers)]
+    return report
+
+
+def print_metrics(values: dict[str, Any], prefix: str = "") -> None:
+    shown = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+    print(prefix + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+
+
+# ------------------------------------------------------------------------------------------------------- command
+
+
+def _load_model(adapter: Path, base: Optional[str], spec: DataSpec):
+    from peft import PeftConfig, PeftModel
+
+    from ..models import ModelNotAvailable, resolve_model
+
+    num_labels = len(spec.classes or []) or 2
+    try:
+        if (adapter / "adapter_config.json").is_file():
+            base = base or PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+            model, tokenizer = load_base(resolve_model(base), spec.task, num_labels)
+            model = PeftModel.from_pretrained(model, str(adapter))
+        elif (adapter / "config.json").is_file():  # a fully fine-tuned model (method "full")
+            model, tokenizer = load_base(str(adapter), spec.task, num_labels)
+        else:
+            raise UsageError(f"--adapter {adapter}: no adapter_config.json or config.json there; "
+                             "give a folder written by 'lamda-peft train'")
+    except (ModelNotAvailable, OSError, ValueError, KeyError, RuntimeError) as err:  # missing or mismatched weights
+        raise UsageError(f"cannot load the model for {adapter} (base {base!r}): {err}") from None
+    return model, tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    import lamda_peft  # noqa: F401  (registers LaMDA and LoRA-FA with PEFT)
+
+    adapter = Path(args.adapter)
+    if not adapter.is_dir():
+        raise UsageError(f"--adapter {adapter}: no such folder; give the --output-dir of a 'lamda-peft train' run")
+    saved = json.loads((adapter / RUN_FILE).read_text()).get("config", {}) if (adapter / RUN_FILE).is_file() else {}
+    task = args.task or saved.get("task")
+    if task is None:
+        raise UsageError(f"{adapter} has no {RUN_FILE} from 'lamda-peft train'; pass --task and --model")
+    try:
+        table = _validation_table(args, saved)
+        spec = DataSpec(
+            task=task,
+            text_columns=args.text_column or saved.get("text_columns") or [],
+            label_column=args.label_column or saved.get("label_column"),
+            prompt_column=args.prompt_column or saved.get("prompt_column"),
+            response_column=args.response_column or saved.get("response_column"),
+            classes=saved.get("classes"),
+            max_length=args.max_length or saved.get("max_length") or 128,
+        )
+        if spec.task == "classification" and not spec.classes:
+            from ..data import label_names
+
+            spec.classes = label_names(table.column(spec.label_column))
+        spec.check(table)
+    except DataError as err:
+        raise UsageError(str(err)) from None
+    model, tokenizer = _load_model(adapter, args.model or saved.get("model"), spec)
+    dataset = spec.encode(table, tokenizer)
+    print(f"evaluating {adapter} on {table.source} ({len(dataset)} rows, task {spec.task})")
+    result: dict[str, Any] = {"adapter": str(adapter), "validation": table.source, **evaluate(
+        model, tokenizer, spec, dataset, args.batch_size)}
+    if spec.task == "causal-lm" and args.num_generate > 0:
+        result["generation"] = generation_report(model, tokenizer, spec, table, args.num_generate, args.max_new_tokens)
+        for sample in result["generation"]["samples"][:2]:
+            print(f"--- prompt: {sample['prompt'][:200]}\n--- generated: {sample['generated'][:300]}")
+        if "final_answer_exact_match" in result["generation"]:
+            print(f"final-answer exact match: {result['generation']['final_answer_exact_match']:.4f} "
+                  f"on {result['generation']['generated']} rows")
+    print_metrics(result)
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _validation_table(args: argparse.Namespace, saved: dict) -> Table:
+    if args.validation_file:
+        return read_table(args.validation_file, header=not args.no_header)
+    if saved.get("dataset") == BBC_NEWS:
+        return bbc_news()[1]
+    if saved.get("validation_file"):
+        return read_table(saved["validation_file"], header=not saved.get("no_header", False))
+    raise UsageError("pass --validation-file (the adapter folder does not name its validation data)")

