@@ -175,9 +175,9 @@ def test_conv1d_modules_and_a_second_adapter(tiny_gpt2, input_ids):
 
 
 def test_each_weight_is_decomposed_once_and_reused_for_the_init(tiny_llama, monkeypatch):
-    calls = []
-    real_svd = torch.linalg.svd
-    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(1) or real_svd(*a, **k))
+    calls = []  # the exact decomposition is one eigendecomposition of a Gram matrix per weight (spectral.py)
+    real_eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: calls.append(1) or real_eigh(*a, **k))
     model = get_peft_model(tiny_llama(0), _energy_config())
     base = tiny_llama(0)
     assert len(calls) == len(_linear_weights(base))

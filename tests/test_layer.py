@@ -61,20 +61,20 @@ def test_delta_form_matches_residual_form_in_float64(conv1d):
     s = alpha / r
     U, S_vals, Vh = torch.linalg.svd(W0, full_matrices=False)
     root = torch.sqrt(S_vals[:r] / s)
-    A = root[:, None] * Vh[:r]
-    B0 = U[:, :r] * root[None, :]
+    # singular vectors are defined up to sign: align the reference's with the layer's before comparing
+    signs = torch.sign((layer.lamda_A["default"].double() * (root[:, None] * Vh[:r])).sum(dim=1))
+    A = signs[:, None] * root[:, None] * Vh[:r]
+    B0 = U[:, :r] * root[None, :] * signs[None, :]
     W_res = W0 - s * B0 @ A
     S = layer.lamda_S["default"].detach().double().requires_grad_()
     B = layer.lamda_B["default"].detach().double().requires_grad_()
     x64 = x.double()
     ref = x64 @ W_res.T + s * (x64 @ A.T) @ S.T @ B.T + base.bias.detach().double()
     ref.backward(grad_out.double())
-    # SVD sign conventions may differ column by column; compare sign-invariant quantities
+    assert torch.allclose(layer.lamda_A["default"].double(), A, atol=1e-5)
     assert torch.allclose(out.double(), ref, atol=1e-4)
-    signs = torch.sign((layer.lamda_A["default"].double() * A).sum(dim=1))
-    flip = torch.diag(signs)
-    assert torch.allclose(layer.lamda_S["default"].grad.double(), flip @ S.grad @ flip, atol=1e-4)
-    assert torch.allclose(layer.lamda_B["default"].grad.double(), B.grad @ flip, atol=1e-4)
+    assert torch.allclose(layer.lamda_S["default"].grad.double(), S.grad, atol=1e-4)
+    assert torch.allclose(layer.lamda_B["default"].grad.double(), B.grad, atol=1e-4)
 
 
 def test_lora_fa_gradient_matches_formula():

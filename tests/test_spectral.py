@@ -50,3 +50,17 @@ def test_bad_inputs_name_the_problem():
         top_svd(torch.randn(4, 8), 5)
     with pytest.raises(ValueError, match="unknown SVD method"):
         top_svd(torch.randn(4, 8), 2, method="qr")
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)], ids=["wide", "tall"])
+def test_exact_path_equals_a_float64_svd_for_wide_tall_and_rank_deficient(shape):
+    torch.manual_seed(3)
+    weight = torch.randn(*shape)
+    low_rank = torch.randn(shape[0], 3) @ torch.randn(3, shape[1])  # rank 3 < r: falls back to the plain SVD
+    for w in (weight, low_rank):
+        svd = top_svd(w, 5)
+        U, S, Vh = torch.linalg.svd(w.double(), full_matrices=False)
+        assert torch.allclose(svd.S.double(), S[:5], rtol=1e-5, atol=1e-5)
+        reconstruction = svd.U.double() @ torch.diag(svd.S.double()) @ svd.Vh.double()
+        assert torch.allclose(reconstruction, U[:, :5] @ torch.diag(S[:5]) @ Vh[:5], atol=1e-4)
+        assert torch.allclose(svd.U.T.double() @ svd.U.double(), torch.eye(5, dtype=torch.float64), atol=1e-5)
