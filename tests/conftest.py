@@ -43,24 +43,24 @@ def input_ids():
     return torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(123))
 
 
-@pytest.fixture(scope="session")
-def minilm_path() -> str:
-    from lamda_peft.models import ModelNotAvailable, minilm_path
+def _offline_model(alias: str) -> str:
+    """The local folder of an offline model alias, or a skip naming the package to install."""
+    from lamda_peft.models import ModelNotAvailable, resolve_model
 
     try:
-        return minilm_path()
+        return resolve_model(alias)
     except ModelNotAvailable as err:
         pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    return _offline_model("minilm")
 
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
-    from lamda_peft.models import ModelNotAvailable, smollm2_path
-
-    try:
-        return smollm2_path()
-    except ModelNotAvailable as err:
-        pytest.skip(str(err))
+    return _offline_model("smollm2")
 
 
 @pytest.fixture(scope="session")
