@@ -44,6 +44,7 @@ import lamda_peft
 from lamda_peft import LamdaConfig, LamdaLayer
 from lamda_peft.allocation import lamda_parameter_counts
 from lamda_peft.models import smollm2_path
+from lamda_peft.tuners.delta import weight_as_out_in
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
@@ -74,13 +75,25 @@ def top_parts(model) -> dict[str, tuple[int, torch.Tensor, torch.Tensor]]:
     }
 
 
-def randomized_accuracy(exact: dict, randomized: dict) -> dict:
+def float64_reference(model) -> dict[str, tuple[int, torch.Tensor, torch.Tensor]]:
+    """The same structure as ``top_parts``, from a float64 ``torch.linalg.svd`` of each (untouched) base weight."""
+    parts = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, LamdaLayer):
+            r = layer.r["default"]
+            U, S, Vh = torch.linalg.svd(weight_as_out_in(layer.get_base_layer()).double(), full_matrices=False)
+            parts[name] = (r, Vh[:r], U[:, :r] * S[:r])
+    return parts
+
+
+def decomposition_accuracy(exact: dict, randomized: dict) -> dict:
+    """How far the top-r parts of ``randomized`` are from those of ``exact`` (modules with the same rank)."""
     same = [n for n in exact if exact[n][0] == randomized[n][0]]
     rel_errors, angles, captured = [], [], []
     for name in same:
         _, a_e, b_e = exact[name]
         _, a_r, b_r = randomized[name]
-        top_e, top_r = b_e @ a_e, b_r @ a_r
+        top_e, top_r = b_e.double() @ a_e.double(), b_r.double() @ a_r.double()
         rel_errors.append(float(torch.linalg.matrix_norm(top_r - top_e) / torch.linalg.matrix_norm(top_e)))
         # energy the randomized rank-r part captures, relative to the optimum (the exact top-r part): 1 is exact
         captured.append(float(torch.linalg.matrix_norm(top_r) ** 2 / torch.linalg.matrix_norm(top_e) ** 2))
@@ -112,6 +125,24 @@ def machine() -> dict:
             "transformers": transformers.__version__, "lamda_peft": lamda_peft.__version__}
 
 
+def accuracy_lines(acc: dict | None, title: str) -> list[str]:
+    if acc is None:
+        return []
+    return [
+        "",
+        f"## {title}",
+        "",
+        f"- modules allocated the same rank: {acc['modules_with_equal_rank']} of {acc['modules']} "
+        f"(sum of |rank differences|: {acc['rank_differences_sum_abs']}; near-ties can break differently, method.md 3.3)",
+        f"- relative Frobenius error of the top-r part s B0 A: median {acc['top_r_relative_error_median']:.2e}, "
+        f"max {acc['top_r_relative_error_max']:.2e}",
+        f"- largest principal angle between the top-r subspaces: median "
+        f"{acc['largest_principal_angle_deg_median']:.3f} deg, max {acc['largest_principal_angle_deg_max']:.3f} deg",
+        f"- energy of the top-r part over the reference's top-r energy (1 = optimal): median "
+        f"{acc['captured_energy_ratio_median']:.4f}, min {acc['captured_energy_ratio_min']:.4f}",
+    ]
+
+
 def write_markdown(result: dict, path: Path) -> None:
     r = result["r"]
     lines = [
@@ -128,20 +159,9 @@ def write_markdown(result: dict, path: Path) -> None:
     for name, times in result["times"].items():
         median = statistics.median(times)
         lines.append(f"| {name} | {median:.1f} | {', '.join(f'{t:.1f}' for t in times)} | {median / base:.2f} |")
-    acc = result.get("randomized_vs_exact")
-    lines += [] if acc is None else [
-        "",
-        "## Randomized vs exact decomposition (LaMDA++)",
-        "",
-        f"- modules allocated the same rank: {acc['modules_with_equal_rank']} of {acc['modules']} "
-        f"(sum of |rank differences|: {acc['rank_differences_sum_abs']}; near-ties can break differently, method.md 3.3)",
-        f"- relative Frobenius error of the top-r part s B0 A: median {acc['top_r_relative_error_median']:.2e}, "
-        f"max {acc['top_r_relative_error_max']:.2e}",
-        f"- largest principal angle between the top-r subspaces: median "
-        f"{acc['largest_principal_angle_deg_median']:.3f} deg, max {acc['largest_principal_angle_deg_max']:.3f} deg",
-        f"- energy of the randomized top-r part over the exact top-r energy (1 = optimal): median "
-        f"{acc['captured_energy_ratio_median']:.4f}, min {acc['captured_energy_ratio_min']:.4f}",
-    ]
+    for key, title in (("exact_vs_float64", "Our exact decomposition (float32 Gram eigh) vs a float64 SVD (LaMDA++ "
+                                          "ranks)"), ("randomized_vs_exact", "Randomized vs exact decomposition (LaMDA++)")):
+        lines += accuracy_lines(result.get(key), title)
     if "parameters" in result:
         lines += [
             "",
@@ -200,8 +220,11 @@ def main(argv=None) -> int:
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
     }
     if {"lamda++ exact", "lamda++ randomized"} <= kept.keys():
-        result["randomized_vs_exact"] = randomized_accuracy(
+        result["randomized_vs_exact"] = decomposition_accuracy(
             top_parts(kept["lamda++ exact"]), top_parts(kept["lamda++ randomized"]))
+    if "lamda++ exact" in kept:  # our exact path (float32 Gram eigh) against a float64 SVD of the same weights
+        result["exact_vs_float64"] = decomposition_accuracy(
+            float64_reference(kept["lamda++ exact"]), top_parts(kept["lamda++ exact"]))
     if {"lamda++ exact", "lamda uniform exact"} <= kept.keys():
         result["parameters"] = {
             name: {k: v for k, v in vars(lamda_parameter_counts(kept[key])).items() if k != "ranks"}

@@ -43,8 +43,9 @@ TASKS = {
     "STS-B": (dict(), dict(text_columns=["sentence1", "sentence2"], label_column="score"), ("pearson", "spearman")),
 }
 METHODS = ("lora", "pissa", "lora-fa", "lamda", "lamda++", "full")
-LR_GRID = {"full": (2e-5, 5e-5, 1e-4)}  # adapters: below
-ADAPTER_LR_GRID = (5e-4, 1e-3, 2e-3)
+# Each method's learning-rate grid: the same one for every adapter method, a lower one for full fine-tuning.
+ADAPTER_LRS = (1e-3, 3e-3)
+FULL_LRS = (5e-5, 1e-4)
 
 
 def split(task: str, train_size: int, select_size: int, seed: int = 0) -> tuple[Table, Table, Table]:
@@ -147,7 +148,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--r", type=int, default=8)
-    p.add_argument("--lr-grid", type=int, default=3, help="how many learning rates of each method's grid to try")
+    p.add_argument("--adapter-lrs", type=float, nargs="+", default=list(ADAPTER_LRS),
+                   help="the learning-rate grid of every adapter method (chosen on the held-out rows)")
+    p.add_argument("--full-lrs", type=float, nargs="+", default=list(FULL_LRS),
+                   help="the learning-rate grid of full fine-tuning")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--label", default="full", help="names the result files: docs/results/glue_<label>*")
     opts = p.parse_args()
@@ -161,8 +165,7 @@ def main() -> None:
     for task in opts.tasks:
         data = split(task, opts.train_size, opts.select_size)
         for method in opts.methods:
-            grid = LR_GRID.get(method, ADAPTER_LR_GRID)
-            grid = grid[len(grid) // 2:][: opts.lr_grid] if opts.lr_grid == 1 else grid[: opts.lr_grid]
+            grid = opts.full_lrs if method == "full" else opts.adapter_lrs
             for lr in grid:  # selection: every lr with the first seed
                 if (task, method, lr, opts.seeds[0]) not in done:
                     runs.append(one_run(task, method, lr, opts.seeds[0], data, opts))

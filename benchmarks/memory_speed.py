@@ -36,7 +36,7 @@ CONFIGS = {  # name: (model, dtype, batch, seq, r, timed-rounds factor)
     "minilm": ("minilm", torch.float32, 16, 128, 8, 1.0),
 }
 METHODS = ("floor", "peft_lora", "peft_lorafa_optimizer", "peft_pissa", "lorafa", "lamda", "lamda_b_frozen",
-           "lamda_plus_plus", "lamda_b_frozen_options")
+           "lamda_plus_plus", "lamda_b_frozen_chunked_ce", "lamda_b_frozen_options")
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
@@ -86,10 +86,11 @@ def build(method: str, model: str, dtype: torch.dtype, r: int, fast_init: bool =
             if hasattr(module, "lamda_B"):
                 for p in module.lamda_B.values():
                     p.requires_grad_(False)
-    if method == "lamda_b_frozen_options":
+    if method in ("lamda_b_frozen_chunked_ce", "lamda_b_frozen_options"):
         if task != "CAUSAL_LM":
             return None
-        enable_layer_checkpointing(peft_model)
+        if method == "lamda_b_frozen_options":  # both options: chunked CE + layer checkpointing
+            enable_layer_checkpointing(peft_model)
         loss_fn = lambda m, b: chunked_causal_lm_loss(m, b["input_ids"], b["labels"], chunk_size=1024)  # noqa: E731
     return peft_model, None, loss_fn, init_s
 
@@ -167,9 +168,9 @@ def machine() -> dict:
             if hasattr(lamda_peft, "__version__") else "dev", "cuda": torch.cuda.is_available()}
 
 
-def write(results: dict, command: str) -> None:
+def write(results: dict, command: str, stem: str = "memory_speed") -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "memory_speed.json").write_text(json.dumps(results, indent=2, default=str))
+    (OUT / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str))
     lines = ["# Memory and speed, side by side", "",
              f"Command: `{command}`  ", f"Machine: {results['machine']}  ", "MB = 10^6 bytes. Step time: median over "
              "rounds of the per-round ratio to PEFT LoRA (methods interleaved step by step).", ""]
@@ -184,11 +185,11 @@ def write(results: dict, command: str) -> None:
                          f"| {m['trainable_parameters']:,} | {m.get('step_vs_lora', float('nan')):.2f} "
                          f"| {m['init_s']:.1f} |")
         lines.append("")
-    (OUT / "memory_speed.md").write_text("\n".join(lines))
-    plot(results)
+    (OUT / f"{stem}.md").write_text("\n".join(lines))
+    plot(results, stem)
 
 
-def plot(results: dict) -> None:
+def plot(results: dict, stem: str = "memory_speed") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,7 +204,7 @@ def plot(results: dict) -> None:
         ax.set_xlabel("accounted training memory (MB)")
         ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(OUT / "memory_speed.png", dpi=120)
+    fig.savefig(OUT / f"{stem}.png", dpi=120)
 
 
 def main() -> None:
@@ -213,6 +214,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (halved for the 4x1024 case); 0: memory only")
     parser.add_argument("--fast-init", action="store_true",
                         help="randomized SVD for PiSSA and LaMDA (memory figures are unchanged; init times are not)")
+    parser.add_argument("--output", default="memory_speed",
+                        help="result files: docs/results/<output>.{md,json,png} (overwritten)")
     args = parser.parse_args()
     if "floor" not in args.methods or "peft_lora" not in args.methods:
         parser.error("--methods must include floor and peft_lora (the references)")
@@ -221,7 +224,7 @@ def main() -> None:
     results = {"machine": machine(), "command": command, "configs": {}}
     for name in args.configs:
         results["configs"][name] = run_config(name, args.rounds, tuple(args.methods), args.fast_init)
-        write(results, command)  # after each configuration, so a long run leaves partial results
+        write(results, command, args.output)  # after each configuration, so a long run leaves partial results
 
 
 if __name__ == "__main__":

@@ -73,8 +73,9 @@ def test_delta_form_matches_residual_form_in_float64(conv1d):
     ref.backward(grad_out.double())
     assert torch.allclose(layer.lamda_A["default"].double(), A, atol=1e-5)
     assert torch.allclose(out.double(), ref, atol=1e-4)
-    assert torch.allclose(layer.lamda_S["default"].grad.double(), S.grad, atol=1e-4)
-    assert torch.allclose(layer.lamda_B["default"].grad.double(), B.grad, atol=1e-4)
+    # float32 layer against a float64 reference: the rounding scales with the largest gradient entry (~50 here)
+    for got, want in ((layer.lamda_S["default"].grad, S.grad), (layer.lamda_B["default"].grad, B.grad)):
+        assert torch.allclose(got.double(), want, atol=1e-5 * float(want.abs().max()))
 
 
 def test_lora_fa_gradient_matches_formula():

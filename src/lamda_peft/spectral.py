@@ -74,26 +74,39 @@ def top_svd(
     return TopSVD(U[:, :r].contiguous(), S[:r].contiguous(), Vh[:r].contiguous(), total_energy)
 
 
-def _exact_top_svd(w: torch.Tensor, r: int):
-    """Exact top-r SVD from the eigendecomposition of the smaller Gram matrix, in float64.
+# Below this ratio sigma_r / sigma_1 the Gram matrix is decomposed in float64: float32 eigh resolves eigenvalues to
+# about eps * lambda_1, so a top-r eigenvalue 400x smaller than lambda_1 would lose digits. On SmolLM2 every
+# projection is above it (min 0.14 at r=32), and float32 agrees with float64 to 0.09 degrees and 7e-7 in sigma.
+_FLOAT32_GRAM_MIN_RATIO = 0.05
 
-    About 2.5x faster than a full float32 ``torch.linalg.svd`` on transformer-sized weights, and as accurate for the
-    top singular triplets (float64 squares the condition number of the tail only). If the top r are not well
-    separated from zero (a rank-deficient weight), the plain SVD is used instead.
+
+def _exact_top_svd(w: torch.Tensor, r: int):
+    """Exact top-r SVD from the eigendecomposition of the smaller Gram matrix.
+
+    The Gram matrix is decomposed in float32 when the top r singular values span less than 1/0.05 (the common
+    case: about 4x faster than a full float32 ``torch.linalg.svd`` on transformer-sized weights), else in float64;
+    if the top r are not well separated from zero (a rank-deficient weight), the plain SVD is used instead.
     """
-    wide = w.shape[0] <= w.shape[1]
-    w64 = w.double()
-    eigenvalues, eigenvectors = torch.linalg.eigh(w64 @ w64.T if wide else w64.T @ w64)
-    top = eigenvalues.flip(0)[:r].clamp_min(0.0)
-    sigma = top.sqrt()
-    if sigma[-1] <= 1e-6 * max(float(sigma[0]), 1e-30):
+    found = _gram_top_svd(w, r, torch.float32)
+    if found is None or found[1][-1] < _FLOAT32_GRAM_MIN_RATIO * found[1][0]:
+        found = _gram_top_svd(w, r, torch.float64)
+    if found is None:
         return torch.linalg.svd(w, full_matrices=False)
+    return tuple(t.float() for t in found)
+
+
+def _gram_top_svd(w: torch.Tensor, r: int, dtype: torch.dtype):
+    """(U, S, Vh) of the top r from ``eigh`` of W W^T or W^T W (the smaller) in ``dtype``; None if sigma_r ~ 0."""
+    wide = w.shape[0] <= w.shape[1]
+    x = w.to(dtype)
+    eigenvalues, eigenvectors = torch.linalg.eigh(x @ x.T if wide else x.T @ x)
+    sigma = eigenvalues.flip(0)[:r].clamp_min(0.0).sqrt()
+    if sigma[-1] <= 1e-6 * max(float(sigma[0]), 1e-30):
+        return None
     vectors = eigenvectors.flip(1)[:, :r]
     if wide:  # vectors are U's columns: V^T = diag(1/sigma) U^T W
-        U, Vh = vectors, (vectors.T @ w64) / sigma[:, None]
-    else:  # vectors are V's columns: U = W V diag(1/sigma)
-        U, Vh = (w64 @ vectors) / sigma[None, :], vectors.T
-    return U.float(), sigma.float(), Vh.float()
+        return vectors, sigma, (vectors.T @ x) / sigma[:, None]
+    return (x @ vectors) / sigma[None, :], sigma, vectors.T  # vectors are V's columns: U = W V diag(1/sigma)
 
 
 def _randomized_svd(w: torch.Tensor, r: int, *, niter: int, oversample: int, seed: int):
