@@ -64,3 +64,18 @@ def test_exact_path_equals_a_float64_svd_for_wide_tall_and_rank_deficient(shape)
         reconstruction = svd.U.double() @ torch.diag(svd.S.double()) @ svd.Vh.double()
         assert torch.allclose(reconstruction, U[:, :5] @ torch.diag(S[:5]) @ Vh[:5], atol=1e-4)
         assert torch.allclose(svd.U.T.double() @ svd.U.double(), torch.eye(5, dtype=torch.float64), atol=1e-5)
+
+
+def test_exact_path_stays_accurate_when_the_top_r_span_a_wide_range():
+    """sigma_r / sigma_1 = 1e-3: float32 Gram eigenvalues would lose digits, so the float64 Gram is used."""
+    gen = torch.Generator().manual_seed(4)
+    U = torch.linalg.qr(torch.randn(60, 30, generator=gen, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(40, 30, generator=gen, dtype=torch.float64))[0]
+    sigma = torch.logspace(3, -1, 30, dtype=torch.float64)  # 1000 down to 0.1
+    weight = (U * sigma) @ V.T
+    r = 10  # sigma_10 / sigma_1 ~ 0.04
+    svd = top_svd(weight.float(), r)
+    assert torch.allclose(svd.S.double(), sigma[:r], rtol=1e-5)
+    # each singular pair up to sign: |<u_i, u_ref_i>| = 1
+    assert torch.allclose((svd.U.double() * U[:, :r]).sum(0).abs(), torch.ones(r, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose((svd.Vh.double().T * V[:, :r]).sum(0).abs(), torch.ones(r, dtype=torch.float64), atol=1e-5)
