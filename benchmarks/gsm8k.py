@@ -1,7 +1,10 @@
 """GSM8K with SmolLM2-135M-Instruct: the same number of steps for every method, then the response-token loss on
 the test split and the final-answer exact match (greedy, ``#### N``) on a fixed sample of it.
 
-    python benchmarks/gsm8k.py                       # full: 1000 training rows, 300 steps, whole test loss
+    python benchmarks/gsm8k.py                       # long: 1000 training rows, 300 steps, whole test loss
+    python benchmarks/gsm8k.py --methods lora lamda lamda++ --train-size 1000 --steps 30 --batch-size 4 \
+        --max-length 320 --test-size 100 --em-size 20 --max-new-tokens 200 --lr 1e-3 --label budget
+                                                     # the committed run (docs/results/gsm8k.md, under an hour)
     python benchmarks/gsm8k.py --methods lora lamda --train-size 64 --steps 8 --test-size 24 --em-size 4 \
         --max-new-tokens 96 --label reduced          # a reduced run (minutes)
 
