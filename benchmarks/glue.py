@@ -91,11 +91,13 @@ def one_run(task: str, method: str, lr: float, seed: int, data, opts) -> dict:
 
 
 def summarize(runs: list[dict], opts) -> tuple[list[dict], dict]:
-    """Per task and method: the lr with the best held-out score (seed 0), then dev mean and spread over seeds."""
+    """Per task and method: the lr of its grid with the best held-out score (seed 0), then dev mean and spread over
+    seeds. Runs in the log at other learning rates (another grid's) are ignored."""
     rows, best = [], {}
     for task in opts.tasks:
         for method in opts.methods:
-            mine = [r for r in runs if r["task"] == task and r["method"] == method]
+            grid = opts.full_lrs if method == "full" else opts.adapter_lrs
+            mine = [r for r in runs if r["task"] == task and r["method"] == method and r["lr"] in grid]
             chosen = [r for r in mine if r["seed"] == opts.seeds[0]]
             if not chosen:
                 continue
@@ -183,7 +185,8 @@ def main() -> None:
                     runs.append(one_run(task, method, lr, opts.seeds[0], data, opts))
                     with log.open("a") as fh:
                         fh.write(json.dumps(runs[-1]) + "\n")
-            chosen = [r for r in runs if r["task"] == task and r["method"] == method and r["seed"] == opts.seeds[0]]
+            chosen = [r for r in runs if r["task"] == task and r["method"] == method and r["seed"] == opts.seeds[0]
+                      and r["lr"] in grid]
             lr = max(chosen, key=lambda r: score(task, r["select"]))["lr"]
             for seed in opts.seeds[1:]:  # final numbers: the chosen lr with every seed
                 if (task, method, lr, seed) not in done:
