@@ -94,7 +94,10 @@ def main(mode: str) -> None:
         print(json.dumps({"mode": mode, "state": freezer.state(), "b_requires_grad": B.requires_grad,
                           "b_moved_in_step_1": first_moved, "world": world}), flush=True)
     dist.barrier()
-    dist.destroy_process_group()
+    # destroy_process_group() now and then hangs in gloo's teardown (pytorch/pytorch#75097): one CI run waited out
+    # the 240 s timeout after both ranks had finished. The work is done and checked, so leave without the teardown.
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
