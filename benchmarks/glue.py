@@ -90,19 +90,27 @@ def one_run(task: str, method: str, lr: float, seed: int, data, opts) -> dict:
     }
 
 
+def lr_grid(method: str, opts) -> list[float]:
+    return opts.full_lrs if method == "full" else opts.adapter_lrs
+
+
+def chosen_lr(runs: list[dict], task: str, method: str, opts) -> float | None:
+    """The lr of the method's grid with the best held-out score at the first seed (None before any such run)."""
+    tried = [r for r in runs if r["task"] == task and r["method"] == method and r["seed"] == opts.seeds[0]
+             and r["lr"] in lr_grid(method, opts)]
+    return max(tried, key=lambda r: score(task, r["select"]))["lr"] if tried else None
+
+
 def summarize(runs: list[dict], opts) -> tuple[list[dict], dict]:
     """Per task and method: the lr of its grid with the best held-out score (seed 0), then dev mean and spread over
     seeds. Runs in the log at other learning rates (another grid's) are ignored."""
     rows, best = [], {}
     for task in opts.tasks:
         for method in opts.methods:
-            grid = opts.full_lrs if method == "full" else opts.adapter_lrs
-            mine = [r for r in runs if r["task"] == task and r["method"] == method and r["lr"] in grid]
-            chosen = [r for r in mine if r["seed"] == opts.seeds[0]]
-            if not chosen:
+            lr = chosen_lr(runs, task, method, opts)
+            if lr is None:
                 continue
-            lr = max(chosen, key=lambda r: score(task, r["select"]))["lr"]
-            final = [r for r in mine if r["lr"] == lr]
+            final = [r for r in runs if r["task"] == task and r["method"] == method and r["lr"] == lr]
             dev = [score(task, r["dev"]) for r in final]
             rows.append({"task": task, "method": method, "lr": lr, "seeds": len(final), "dev_mean": float(np.mean(dev)),
                          "dev_std": float(np.std(dev)), "trainable_start": final[0]["trainable_start"],
@@ -179,15 +187,12 @@ def main() -> None:
     for task in opts.tasks:
         data = split(task, opts.train_size, opts.select_size)
         for method in opts.methods:
-            grid = opts.full_lrs if method == "full" else opts.adapter_lrs
-            for lr in grid:  # selection: every lr with the first seed
+            for lr in lr_grid(method, opts):  # selection: every lr with the first seed
                 if (task, method, lr, opts.seeds[0]) not in done:
                     runs.append(one_run(task, method, lr, opts.seeds[0], data, opts))
                     with log.open("a") as fh:
                         fh.write(json.dumps(runs[-1]) + "\n")
-            chosen = [r for r in runs if r["task"] == task and r["method"] == method and r["seed"] == opts.seeds[0]
-                      and r["lr"] in grid]
-            lr = max(chosen, key=lambda r: score(task, r["select"]))["lr"]
+            lr = chosen_lr(runs, task, method, opts)
             for seed in opts.seeds[1:]:  # final numbers: the chosen lr with every seed
                 if (task, method, lr, seed) not in done:
                     runs.append(one_run(task, method, lr, seed, data, opts))

@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import lamda_peft
-from lamda_peft import LamdaConfig, export_lora
+from lamda_peft import LamdaConfig, export_lora, spectral
 from lamda_peft.allocation import (
     allocate_ranks,
     check_allocation_bounds,
@@ -20,7 +20,6 @@ from lamda_peft.allocation import (
     lamda_parameter_counts,
     rank_pattern_key,
 )
-from lamda_peft import spectral
 from lamda_peft.spectral import spectral_factors, top_svd
 from lamda_peft.tuners.delta import weight_as_out_in
 

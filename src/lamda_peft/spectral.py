@@ -83,8 +83,8 @@ _FLOAT32_GRAM_MIN_RATIO = 0.05
 def _exact_top_svd(w: torch.Tensor, r: int):
     """Exact top-r SVD from the eigendecomposition of the smaller Gram matrix.
 
-    The Gram matrix is decomposed in float32 when the top r singular values span less than 1/0.05 (the common
-    case: about 4x faster than a full float32 ``torch.linalg.svd`` on transformer-sized weights), else in float64;
+    The Gram matrix is decomposed in float32 when sigma_r >= 0.05 sigma_1 (the common
+    case: 2-4x faster than a full float32 ``torch.linalg.svd`` on transformer-sized weights), else in float64;
     if the top r are not well separated from zero (a rank-deficient weight), the plain SVD is used instead.
     """
     found = _gram_top_svd(w, r, torch.float32)
