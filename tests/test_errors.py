@@ -55,3 +55,22 @@ def test_config_values_out_of_range(kwargs, message):
 def test_lora_fa_config_values_out_of_range():
     with pytest.raises(ValueError, match="lora_alpha must be > 0"):
         LoraFAConfig(lora_alpha=-1)
+
+
+@pytest.mark.parametrize("config_cls", [LamdaConfig, LoraFAConfig])
+@pytest.mark.parametrize("targets", ["all-linear", r".*\.q_proj"])
+def test_layer_selection_with_a_string_target_is_refused(config_cls, targets):
+    """Audit (issue 13.3): PEFT ignores layers_to_transform when target_modules is a string; stock LoraConfig refuses
+    it, and so must we (it used to adapt every layer silently)."""
+    with pytest.raises(ValueError, match=r"layers_to_transform cannot be used when target_modules is a string.*List"):
+        config_cls(r=4, target_modules=targets, layers_to_transform=[0])
+    with pytest.raises(ValueError, match=r"layers_pattern cannot be used when target_modules is a string"):
+        config_cls(r=4, target_modules=targets, layers_pattern="layers")
+    with pytest.raises(ValueError, match=r"layers_pattern only applies together with layers_to_transform"):
+        config_cls(r=4, target_modules=["q_proj"], layers_pattern="layers")
+
+
+def test_layers_to_transform_with_listed_targets_is_honoured():
+    model = get_peft_model(make_tiny_llama(), LamdaConfig(r=4, target_modules=["q_proj"], layers_to_transform=[1]))
+    wrapped = [name for name, m in model.named_modules() if hasattr(m, "lamda_A")]
+    assert wrapped == ["base_model.model.model.layers.1.self_attn.q_proj"]

@@ -282,3 +282,56 @@ def test_lorafa_v2_correction_is_a_constant_for_orthonormal_a():
 def test_lorafa_grad_correction_is_validated():
     with pytest.raises(ValueError, match="grad_correction"):
         LoraFAConfig(grad_correction="yes")
+
+
+def test_lorafa_v2_correction_follows_a_new_adapter_under_the_same_name():
+    """Audit (issue 13.1): delete_adapter + add_adapter under one name used a stale (A A^T)^+: the new A is often
+    allocated at the freed address with the same version counter. Every cycle must match the float64 reference."""
+    model = lorafa_model(True)
+    config = LoraFAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], grad_correction=True)
+    ids = batches(1)[0]
+    s = 8 / 4
+    for cycle in range(6):
+        torch.manual_seed(100 + cycle)
+        model.add_adapter("cycled", config)
+        model.set_adapter("cycled")
+        for layer in lorafa_layers(model).values():
+            torch.nn.init.normal_(layer.lorafa_B["cycled"], std=0.1)
+        model(input_ids=ids, labels=ids).loss.backward()  # computes (A A^T)^+ for this A
+        model.zero_grad()
+        for layer in lorafa_layers(model).values():  # the raw gradient, with the correction off for the reference
+            layer.grad_correction["cycled"] = False
+        model(input_ids=ids, labels=ids).loss.backward()
+        raw = {n: layer.lorafa_B["cycled"].grad.double().clone() for n, layer in lorafa_layers(model).items()}
+        model.zero_grad()
+        for layer in lorafa_layers(model).values():
+            layer.grad_correction["cycled"] = True
+        model(input_ids=ids, labels=ids).loss.backward()
+        for name, layer in lorafa_layers(model).items():
+            A = layer.lorafa_A["cycled"].double()
+            expected = raw[name] @ torch.linalg.pinv(A @ A.T) / s**2
+            torch.testing.assert_close(layer.lorafa_B["cycled"].grad.double(), expected, rtol=1e-5, atol=1e-9,
+                                       msg=lambda m: f"cycle {cycle}, {name}: {m}")
+        model.zero_grad()
+        model.set_adapter("default")
+        model.delete_adapter("cycled")
+
+
+@pytest.mark.parametrize("setting", [dict(freeze_ratio=0.0), dict(start_step=5)], ids=["freeze_ratio_0", "start_step"])
+def test_freezing_a_deferred_init_snapshots_the_real_factors(tmp_path, setting):
+    """Audit (issue 13.2): with a config read from disk the init is deferred to first use; attaching the schedule
+    before that snapshotted the zero placeholders, and each step then restored the frozen columns to zero."""
+    freeze_ratio = setting.get("freeze_ratio", 0.5)
+    LamdaConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], freeze_ratio=freeze_ratio).save_pretrained(tmp_path)
+    model = get_peft_model(make_tiny_llama(), LamdaConfig.from_pretrained(tmp_path))
+    reference = get_peft_model(make_tiny_llama(), LamdaConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)
+    attach_freezing(model, optimizer, total_steps=10, release="never", start_step=setting.get("start_step", 0))
+    ids = batches(1)[0]
+    before = model(input_ids=ids).logits.detach()
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()  # lr 0: nothing may move
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
+    for name, B in b_params(model).items():
+        torch.testing.assert_close(B, b_params(reference)[name], rtol=0, atol=0)
+        assert B.abs().sum() > 0

@@ -110,3 +110,69 @@ def test_saved_files_hold_factors_and_ranks(tmp_path):
     v_key = "base_model.model.model.layers.0.self_attn.v_proj"
     assert tensors[f"{v_key}.lamda_A"].shape == (2, 32) and tensors[f"{v_key}.lamda_B0S0"].shape == (16, 2)
     assert tensors[f"{v_key}.lamda_S"].shape == (2, 2) and tensors[f"{v_key}.lamda_B"].shape == (16, 2)
+
+
+@pytest.mark.parametrize("method", ["lamda", "lamda_deferred", "lora_fa"])
+def test_whole_model_pickles(tmp_path, input_ids, method):
+    """Audit (issue 13.4): torch.save(model) and multiprocessing's spawn pickle the whole model; a lambda hook and
+    closures kept for a deferred init made that fail. The unpickled model computes the same outputs."""
+    if method == "lora_fa":
+        config = LoraFAConfig(r=4, target_modules=["q_proj", "v_proj"])
+    else:
+        config = LamdaConfig(r=4, target_modules=["q_proj", "v_proj"])
+    if method == "lamda_deferred":  # the init is still pending when the model is pickled
+        config.save_pretrained(tmp_path)
+        config = LamdaConfig.from_pretrained(tmp_path)
+    model = _train_a_little(get_peft_model(make_tiny_llama(), config), input_ids) if method != "lamda_deferred" \
+        else get_peft_model(make_tiny_llama(), config).eval()
+    torch.save(model, tmp_path / "model.pt")
+    clone = torch.load(tmp_path / "model.pt", weights_only=False)
+    expected = model(input_ids).logits
+    torch.testing.assert_close(clone(input_ids).logits, expected, rtol=0, atol=0)
+    if method != "lamda_deferred":  # trained: the adapter really contributes
+        with model.disable_adapter():
+            assert not torch.allclose(model(input_ids).logits, expected)
+
+
+@pytest.mark.parametrize("config", [LoraFAConfig(r=4, target_modules=["q_proj", "v_proj"]),
+                                    LamdaConfig(r=4, target_modules=["q_proj", "v_proj"])], ids=["lora_fa", "lamda"])
+def test_meta_device_base_is_initialised_after_loading_the_weights(config, input_ids):
+    """Audit (issue 13.5), the FSDP2 path: build the base on meta, wrap, ``to_empty``, load the base weights. The
+    init must wait for the weights and set every factor (to_empty leaves garbage in all of them)."""
+    reference = make_tiny_llama()
+    with torch.device("meta"):
+        base = type(reference)(reference.config)
+    model = get_peft_model(base, config)
+    model.to_empty(device="cpu")
+    inner = model.base_model.model
+    own = dict(inner.named_parameters()) | dict(inner.named_buffers())
+    weights = {}
+    # base keys, as the wrapped model names them; the rotary inv_freq is a non-persistent buffer, so it is taken too
+    for name, value in (reference.state_dict() | dict(reference.named_buffers())).items():
+        wrapped = name.replace(".q_proj.", ".q_proj.base_layer.").replace(".v_proj.", ".v_proj.base_layer.")
+        assert wrapped in own, wrapped
+        weights[wrapped] = value
+    for name, value in weights.items():
+        own[name].data.copy_(value)
+    model.eval()
+    torch.testing.assert_close(model(input_ids).logits, reference(input_ids).logits, rtol=0, atol=0)  # step 0 exact
+    fresh = get_peft_model(make_tiny_llama(), config)
+    for (name, layer), fresh_layer in zip(_delta_layers(model), [m for _, m in _delta_layers(fresh)]):
+        for factor in layer.frozen_factor_names:
+            A, expected = getattr(layer, factor)["default"], getattr(fresh_layer, factor)["default"]
+            assert torch.isfinite(A).all()
+            if factor == "lorafa_A":  # random: the same distribution, not the same draw
+                assert 0 < A.abs().max() <= 1 / A.shape[1] ** 0.5 and A.std() > 0.5 / (3 * A.shape[1]) ** 0.5
+            else:
+                torch.testing.assert_close(A, expected, rtol=1e-5, atol=1e-6)
+    model.train()
+    model(input_ids, labels=input_ids).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def _delta_layers(model):
+    from lamda_peft.tuners.base_layer import LowRankDeltaLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankDeltaLayer)]

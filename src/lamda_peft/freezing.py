@@ -313,6 +313,9 @@ class PMBFreezer:
                                self.step, self.release_blocked)
 
     def _freeze(self, target: _FrozenB, k: int) -> None:
+        # A deferred init (config read from disk, meta-device base) must run before the snapshot, or the frozen
+        # columns would be restored to the zero placeholders after every step.
+        target.layer.materialize()
         B = _local(target.B.detach())
         if target.snapshot is None:
             target.snapshot = torch.empty_like(B)

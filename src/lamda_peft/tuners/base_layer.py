@@ -52,7 +52,8 @@ class LowRankDeltaLayer(nn.Module, BaseTunerLayer):
         # Pending adapters whose weights PEFT is loading right now (``expect_checkpoint``): PEFT reads the model's
         # state_dict while matching keys, and that read must not trigger the deferred decomposition.
         self._incoming: set[str] = set()
-        self.register_state_dict_pre_hook(lambda module, *args: module._materialize_pending(skip_incoming=True))
+        # A module-level function, not a lambda, so that the whole model pickles (torch.save(model), spawn).
+        self.register_state_dict_pre_hook(_materialize_before_state_dict)
         self.kwargs = kwargs
 
     # -- subclasses -------------------------------------------------------------------------------------
@@ -105,6 +106,12 @@ class LowRankDeltaLayer(nn.Module, BaseTunerLayer):
             for name, value in init_fn().items():
                 getattr(self, name)[adapter].copy_(value)
 
+    def materialize(self) -> None:
+        """Run every deferred init now (a no-op when none is pending). Anything that reads the factors' values
+        outside the forward (a snapshot of B, an optimizer's copy) must call this first."""
+        if self._pending_init:
+            self._materialize_pending()
+
     def _materialize_pending(self, skip_incoming: bool = False) -> None:
         for adapter in list(self._pending_init):
             if skip_incoming and adapter in self._incoming:
@@ -133,6 +140,12 @@ class LowRankDeltaLayer(nn.Module, BaseTunerLayer):
             if all(f"{prefix}{name}.{adapter}" in state_dict for name in self.frozen_factor_names):
                 del self._pending_init[adapter]  # the checkpoint supplied the factors: no decomposition
                 self._incoming.discard(adapter)
+
+    def _defer_until_weights(self, defer_init: bool) -> bool:
+        """Whether a new adapter's init must wait: for a checkpoint (``defer_init``), or for the base weights when the
+        base layer is on the meta device (the FSDP2 path: build on meta, ``to_empty``, load the weights; the
+        placeholders then hold garbage until the deferred init fills *every* factor on first use)."""
+        return defer_init or self.get_base_layer().weight.device.type == "meta"
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """Move to the base layer's device, keeping our dtype policy (PEFT's version casts all to the base dtype):
@@ -210,3 +223,8 @@ class LowRankDeltaLayer(nn.Module, BaseTunerLayer):
         self.b_frozen_columns.pop(adapter_name, None)
         self._pending_init.pop(adapter_name, None)
         self._incoming.discard(adapter_name)
+
+
+def _materialize_before_state_dict(module: LowRankDeltaLayer, prefix: str, keep_vars: bool) -> None:
+    """state_dict pre-hook: a deferred init runs before its factors are read, unless PEFT is loading them now."""
+    module._materialize_pending(skip_incoming=True)

@@ -12,6 +12,7 @@ The base weight W0 is never modified (except by an explicit ``merge``).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import torch
@@ -67,13 +68,14 @@ class LamdaLinear(LowRankDeltaLayer):
         self.lamda_B0S0[adapter_name] = torch.zeros(d_out, r, **f32)
         self.lamda_S[adapter_name] = nn.Parameter(torch.zeros(r, r, **f32))
         self.lamda_B[adapter_name] = nn.Parameter(torch.zeros(d_out, r, **f32))
-        scaling = self.scaling[adapter_name]
-
-        def init_fn() -> dict[str, torch.Tensor]:
-            return initial_factors(self.get_base_layer(), config, r, scaling, name=module_name, svd=svd)
-
-        self._assign_factors(adapter_name, init_fn, defer=defer_init or weight.device.type == "meta")
+        # A partial of a bound method, not a closure, so that a model with a deferred init still pickles.
+        init_fn = functools.partial(self._initial_factors, config, r, self.scaling[adapter_name], module_name, svd)
+        self._assign_factors(adapter_name, init_fn, defer=self._defer_until_weights(defer_init))
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _initial_factors(self, config: LamdaConfig, r: int, scaling: float, module_name: str,
+                         svd: Optional[TopSVD]) -> dict[str, torch.Tensor]:
+        return initial_factors(self.get_base_layer(), config, r, scaling, name=module_name, svd=svd)
 
     def __repr__(self) -> str:
         return "lamda." + super().__repr__()

@@ -10,6 +10,7 @@ The same delta path as LaMDA with S = I and B0S0 = 0, so only ``x A^T`` (n, r) i
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -36,9 +37,9 @@ class LoraFALinear(LowRankDeltaLayer):
         self.lorafa_B = nn.ParameterDict({})
         self.lorafa_dropout = nn.ModuleDict({})
         self.grad_correction: dict[str, bool] = {}
-        # (A A^T)^+ per adapter, with the (storage, version) of the A it was computed from: A is frozen, so this
-        # is computed once, and again only if A is replaced (e.g. filled by a checkpoint).
-        self._aat_pinv: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
+        # (A A^T)^+ per adapter, with the A it was computed from and its (version, address): A is frozen, so this is
+        # computed once, and again only if A is replaced or filled in place (e.g. by a checkpoint).
+        self._aat_pinv: dict[str, tuple[torch.Tensor, tuple[int, int], torch.Tensor]] = {}
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, r, lora_alpha, module_name=module_name, defer_init=defer_init)
 
@@ -61,13 +62,19 @@ class LoraFALinear(LowRankDeltaLayer):
 
     def _aat_pinv_of(self, adapter: str) -> torch.Tensor:
         A = self.lorafa_A[adapter]
-        key = (A.data_ptr(), A._version)
         cached = self._aat_pinv.get(adapter)
-        if cached is None or cached[0] != key:
+        # The entry keeps the A it was computed from alive, so ``is`` cannot be fooled by a new A allocated at a freed
+        # address (an address and version counter can be reused); the version and address catch in-place changes.
+        if cached is None or not (cached[0] is A and cached[1] == (A._version, A.data_ptr())):
             A64 = A.detach().double()
-            cached = (key, torch.linalg.pinv(A64 @ A64.T).float())  # r x r; A A^T = I for orthonormal rows
+            pinv = torch.linalg.pinv(A64 @ A64.T).float()  # r x r; A A^T = I for orthonormal rows
+            cached = (A, (A._version, A.data_ptr()), pinv)
             self._aat_pinv[adapter] = cached
-        return cached[1]
+        return cached[2]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._aat_pinv.pop(adapter_name, None)
 
     def update_layer(self, adapter_name: str, config: LoraFAConfig, r: int, lora_alpha: float, *,
                      module_name: str = "", defer_init: bool = False) -> None:
@@ -84,13 +91,19 @@ class LoraFALinear(LowRankDeltaLayer):
         self.lorafa_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.lorafa_A[adapter_name] = torch.zeros(r, d_in, device=weight.device, dtype=weight.dtype)
         self.lorafa_B[adapter_name] = nn.Parameter(torch.zeros(d_out, r, device=weight.device, dtype=torch.float32))
-        self._assign_factors(
-            adapter_name, lambda: {"lorafa_A": kaiming_uniform_factor(r, d_in)}, defer=defer_init
-        )
+        self._aat_pinv.pop(adapter_name, None)
+        init_fn = functools.partial(initial_factors, r, d_in, d_out)  # picklable, unlike a lambda
+        self._assign_factors(adapter_name, init_fn, defer=self._defer_until_weights(defer_init))
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def __repr__(self) -> str:
         return "lorafa." + super().__repr__()
+
+
+def initial_factors(r: int, d_in: int, d_out: int) -> dict[str, torch.Tensor]:
+    """LoRA-FA's init: A Kaiming-uniform (PEFT LoRA's init of A), B = 0. Both are set, so a layer whose placeholders
+    hold garbage (a meta-device base after ``to_empty``) is fully initialised."""
+    return {"lorafa_A": kaiming_uniform_factor(r, d_in), "lorafa_B": torch.zeros(d_out, r)}
 
 
 # PEFT recognises an already-wrapped layer as linear (for "all-linear" on a second adapter) by the "Linear" in
