@@ -21,7 +21,8 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .spectral import SvdMethod, TopSVD, top_svd
+from .eigensolver import decompose_many
+from .spectral import SvdMethod, TopSVD, top_svd, top_svds
 from .tuners.delta import weight_as_out_in
 
 
@@ -90,20 +91,6 @@ def allocate_ranks(
     return ranks
 
 
-def decompose(
-    weights: Mapping[str, torch.Tensor],
-    r_max: int,
-    *,
-    method: SvdMethod = "exact",
-    niter: int = 4,
-    seed: int = 0,
-    progress: bool = False,
-) -> dict[str, TopSVD]:
-    """Top-``r_max`` SVD of each (d_out, d_in) weight, once per module, in order (tqdm bar if ``progress``)."""
-    items = _maybe_progress(weights, progress, f"SVD ({method}, top {r_max})")
-    return {name: top_svd(w, r_max, method=method, niter=niter, seed=seed, name=name) for name, w in items}
-
-
 def energy_curves(
     weights: Mapping[str, torch.Tensor],
     r_max: int,
@@ -111,27 +98,18 @@ def energy_curves(
     method: SvdMethod = "exact",
     niter: int = 4,
     seed: int = 0,
-    progress: bool = False,
+    progress: Optional[bool] = None,
 ) -> dict[str, list[float]]:
     """{module: [E(0), ..., E(r_max)]} when only the scores are needed (no init): the exact path computes
     singular values only (``torch.linalg.svdvals``, the reference of method.md 3.3), not the vectors."""
-    curves = {}
-    for name, weight in _maybe_progress(weights, progress, f"singular values ({method}, top {r_max})"):
+    def curve(name: str, weight: torch.Tensor) -> list[float]:
         if method == "exact":
             w = weight.detach().float()
-            curves[name] = energy_curve(torch.linalg.svdvals(w), float(w.double().square().sum()), r_max)
-        else:
-            svd = top_svd(weight, r_max, method=method, niter=niter, seed=seed, name=name)
-            curves[name] = energy_curve(svd.S, svd.total_energy, r_max)
-    return curves
+            return energy_curve(torch.linalg.svdvals(w), float(w.double().square().sum()), r_max)
+        svd = top_svd(weight, r_max, method=method, niter=niter, seed=seed, name=name)
+        return energy_curve(svd.S, svd.total_energy, r_max)
 
-
-def _maybe_progress(weights: Mapping[str, torch.Tensor], progress: bool, desc: str) -> Any:
-    if not progress:
-        return weights.items()
-    from tqdm.auto import tqdm
-
-    return tqdm(weights.items(), total=len(weights), desc=desc, unit="module")
+    return decompose_many(weights, curve, desc=f"singular values ({method}, top {r_max})", progress=progress)
 
 
 def energy_allocation(curves: Mapping[str, Sequence[float]], budget: int, r_min: int, r_max: int) -> dict[str, int]:
@@ -182,7 +160,7 @@ def allocate_energy_ranks(config: Any, modules: Mapping[str, nn.Module]) -> dict
             )
         weights[name] = weight
     check_allocation_bounds(names, [min(w.shape) for w in weights.values()], budget, r_min, r_max)  # before any SVD
-    spectra = decompose(weights, r_max, method=config.svd_method, niter=config.svd_niter, seed=config.svd_seed)
+    spectra = top_svds(weights, r_max, method=config.svd_method, niter=config.svd_niter, seed=config.svd_seed)
     ranks = energy_allocation({n: energy_curve(svd.S, svd.total_energy, r_max) for n, svd in spectra.items()},
                               budget, r_min, r_max)
     config.rank_pattern = {rank_pattern_key(name): r for name, r in ranks.items()}

@@ -6,11 +6,15 @@ a weight is ``(d_out, d_in)`` and a layer computes ``y = x W^T``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Mapping, Optional, Union
 
 import torch
+
+from .eigensolver import decompose_many, single_threaded
+from .eigensolver import exact_top_svd as _exact_top_svd
 
 SvdMethod = Literal["exact", "randomized"]
 
@@ -59,54 +63,24 @@ def top_svd(
             f"{tuple(weight.shape)}; lower r, or set a smaller rank for this module with rank_pattern."
         )
     w = weight.detach().to(torch.float32)
-    if not torch.isfinite(w).all():
+    # ||W||_F in float64 in one pass, without a float64 copy of W; it is NaN or Inf exactly when W holds NaN or Inf.
+    norm = float(torch.linalg.vector_norm(w, dtype=torch.float64))
+    if not math.isfinite(norm):
         raise ValueError(
             f"{name}: the weight holds NaN or Inf values, so it has no SVD; check the checkpoint, or exclude this "
             "module with exclude_modules."
         )
-    total_energy = float(w.double().square().sum())
-    if method == "exact":
-        U, S, Vh = _exact_top_svd(w, r)
-    elif method == "randomized":
-        U, S, Vh = _randomized_svd(w, r, niter=niter, oversample=oversample, seed=seed)
-    else:
+    if method not in ("exact", "randomized"):
         raise ValueError(f"unknown SVD method {method!r}; use 'exact' or 'randomized'")
+    total_energy = norm * norm
+    # Small decompositions run on one thread (see eigensolver.py: threads stall on a busy CPU); top_svds runs several.
+    bounded = w.device.type == "cpu" and torch.get_num_threads() > 1
+    with single_threaded() if bounded else contextlib.nullcontext():
+        if method == "exact":
+            U, S, Vh = _exact_top_svd(w, r)
+        else:
+            U, S, Vh = _randomized_svd(w, r, niter=niter, oversample=oversample, seed=seed)
     return TopSVD(U[:, :r].contiguous(), S[:r].contiguous(), Vh[:r].contiguous(), total_energy)
-
-
-# Below this ratio sigma_r / sigma_1 the Gram matrix is decomposed in float64: float32 eigh resolves eigenvalues to
-# about eps * lambda_1, so a top-r eigenvalue 400x smaller than lambda_1 would lose digits. On SmolLM2 every
-# projection is above it (min 0.14 at r=32), and float32 agrees with float64 to 0.09 degrees and 7e-7 in sigma.
-_FLOAT32_GRAM_MIN_RATIO = 0.05
-
-
-def _exact_top_svd(w: torch.Tensor, r: int):
-    """Exact top-r SVD from the eigendecomposition of the smaller Gram matrix.
-
-    The Gram matrix is decomposed in float32 when sigma_r >= 0.05 sigma_1 (the common
-    case: 2-4x faster than a full float32 ``torch.linalg.svd`` on transformer-sized weights), else in float64;
-    if the top r are not well separated from zero (a rank-deficient weight), the plain SVD is used instead.
-    """
-    found = _gram_top_svd(w, r, torch.float32)
-    if found is None or found[1][-1] < _FLOAT32_GRAM_MIN_RATIO * found[1][0]:
-        found = _gram_top_svd(w, r, torch.float64)
-    if found is None:
-        return torch.linalg.svd(w, full_matrices=False)
-    return tuple(t.float() for t in found)
-
-
-def _gram_top_svd(w: torch.Tensor, r: int, dtype: torch.dtype):
-    """(U, S, Vh) of the top r from ``eigh`` of W W^T or W^T W (the smaller) in ``dtype``; None if sigma_r ~ 0."""
-    wide = w.shape[0] <= w.shape[1]
-    x = w.to(dtype)
-    eigenvalues, eigenvectors = torch.linalg.eigh(x @ x.T if wide else x.T @ x)
-    sigma = eigenvalues.flip(0)[:r].clamp_min(0.0).sqrt()
-    if sigma[-1] <= 1e-6 * max(float(sigma[0]), 1e-30):
-        return None
-    vectors = eigenvectors.flip(1)[:, :r]
-    if wide:  # vectors are U's columns: V^T = diag(1/sigma) U^T W
-        return vectors, sigma, (vectors.T @ x) / sigma[:, None]
-    return (x @ vectors) / sigma[None, :], sigma, vectors.T  # vectors are V's columns: U = W V diag(1/sigma)
 
 
 def _randomized_svd(w: torch.Tensor, r: int, *, niter: int, oversample: int, seed: int):
@@ -120,6 +94,27 @@ def _randomized_svd(w: torch.Tensor, r: int, *, niter: int, oversample: int, see
         q, _ = torch.linalg.qr(w @ q)
     u_small, s, vh = torch.linalg.svd(q.T @ w, full_matrices=False)
     return q @ u_small, s, vh
+
+
+def top_svds(
+    weights: Mapping[str, torch.Tensor],
+    r: Union[int, Mapping[str, int]],
+    *,
+    method: SvdMethod = "exact",
+    niter: int = 4,
+    seed: int = 0,
+    progress: Optional[bool] = None,
+) -> dict[str, TopSVD]:
+    """``top_svd`` of every (d_out, d_in) weight, with rank ``r`` or ``r[name]``: several at once, one per core, each
+    on one thread (eigensolver.decompose_many), with a progress bar (module i of N) on a terminal.
+
+    The result of each is the same as a single ``top_svd`` call with the same arguments.
+    """
+    def one(name: str, weight: torch.Tensor) -> TopSVD:
+        rank = r if isinstance(r, int) else r[name]
+        return top_svd(weight, rank, method=method, niter=niter, seed=seed, name=name)
+
+    return decompose_many(weights, one, desc=f"SVD ({method})", progress=progress)
 
 
 @dataclass(frozen=True)

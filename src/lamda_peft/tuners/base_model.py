@@ -20,7 +20,8 @@ from peft.utils.other import get_pattern_key
 from ..allocation import allocate_energy_ranks
 from .base_layer import LowRankDeltaLayer
 from .checkpoint import is_loaded_from_checkpoint
-from .delta import base_weight_shape
+from ..spectral import TopSVD, top_svds
+from .delta import base_weight_shape, weight_as_out_in
 
 
 class LowRankDeltaTuner(BaseTuner):
@@ -59,6 +60,10 @@ class LowRankDeltaTuner(BaseTuner):
                 config = self.peft_config[adapter_name] = copy.deepcopy(config)
             planned = find_target_modules(model, config, self.target_module_mapping)
             self._svd_cache = allocate_energy_ranks(config, planned)
+        elif _needs_spectral_init(config, state_dict):
+            # Decompose every targeted weight up front, several at once (eigensolver.decompose_many), instead of one
+            # after the other as PEFT creates the layers; each layer's init then takes its own decomposition.
+            self._svd_cache = prefetch_decompositions(config, find_target_modules(model, config, self.target_module_mapping))
         try:
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
         finally:
@@ -92,6 +97,23 @@ class LowRankDeltaTuner(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # a second adapter is not trainable until set_adapter selects it
         self._replace_module(parent, target_name, new_module, target)
+
+
+def _needs_spectral_init(config: Any, state_dict: Optional[dict]) -> bool:
+    """A fresh adapter whose layers will decompose their weights now (not LoRA-FA, not random, not a reload)."""
+    return getattr(config, "init", "random") != "random" and state_dict is None and not is_loaded_from_checkpoint(config)
+
+
+def prefetch_decompositions(config: Any, modules: dict[str, nn.Module]) -> dict[str, TopSVD]:
+    """{module name: top-r SVD} of each targeted weight with its rank (rank_pattern or r), as the layer would compute
+    it. Modules the layer must refuse (r too large) or defer (meta device) are left to the layer, which says why."""
+    weights, ranks = {}, {}
+    for name, module in modules.items():
+        weight = weight_as_out_in(module)
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
+        if weight.device.type != "meta" and 1 <= r <= min(weight.shape):
+            weights[name], ranks[name] = weight, r
+    return top_svds(weights, ranks, method=config.svd_method, niter=config.svd_niter, seed=config.svd_seed)
 
 
 def find_target_modules(model: nn.Module, config, target_module_mapping=TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
