@@ -130,7 +130,7 @@ def main() -> None:
     meta = dict(command="python " + shlex.join(sys.argv), machine=f"{platform.processor() or platform.machine()}, "
                 f"{os.cpu_count()} cores", torch=torch.__version__, threads=torch.get_num_threads(), limit=args.limit)
     Path(args.output + ".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
-    Path(args.output + ".md").write_text(render(meta, rows))
+    Path(args.output + ".md").write_text(render(meta, rows))  # docs/results/init_under_load.md merges the runs
     print(render(meta, rows))
 
 
