@@ -36,7 +36,7 @@ def test_defaults_and_inference(glue_dir):
 def test_csv_json_jsonl(tmp_path):
     (tmp_path / "a.csv").write_text('text,label\n"hello, world",1\nbye,0\n')
     table = read_table(tmp_path / "a.csv")
-    assert table.rows[0] == {"text": "hello, world", "label": "1"}
+    assert table.rows[0] == {"text": "hello, world", "label": 1}  # datasets types the label column
     rows = [{"question": "2+2?", "answer": "#### 4"}, {"question": "3+3?", "answer": "#### 6"}]
     (tmp_path / "a.json").write_text(json.dumps(rows))
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
