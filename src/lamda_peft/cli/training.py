@@ -111,7 +111,14 @@ def train_model(model, tokenizer, spec, train_ds, eval_ds, args: argparse.Namesp
     if not training_args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(NumericProgress)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except KeyboardInterrupt:
+        for callback in trainer.callback_handler.callbacks:  # close the bars now, so Ctrl-C's line is the last one
+            for bar in (getattr(callback, "training_bar", None), getattr(callback, "prediction_bar", None)):
+                if bar is not None:
+                    bar.close()
+        raise
     return trainer
 
 

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from peft.tuners.tuners_utils import (
     MIN_TARGET_MODULES_FOR_OPTIMIZATION,
     BaseTuner,
@@ -59,10 +60,14 @@ class LowRankDeltaTuner(BaseTuner):
                 config = self.peft_config[adapter_name] = copy.deepcopy(config)
             planned = find_target_modules(model, config, self.target_module_mapping)
             self._svd_cache = allocate_energy_ranks(config, planned)
+        # "spectral init: 12/197 modules" on stderr for an init that lasts over 2 s (a large model); silent otherwise
+        self._init_progress = tqdm(total=_count_targets(model, config, planned, self.target_module_mapping),
+                                   desc="spectral init", unit="module", delay=2, leave=False)
         try:
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
         finally:
             self._svd_cache = {}
+            self._init_progress.close()
         if planned is not None:
             wrapped = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and adapter_name in m.r]
             if wrapped != list(planned):  # our copy of PEFT's matching drifted from PEFT's: never allocate silently
@@ -89,9 +94,19 @@ class LowRankDeltaTuner(BaseTuner):
         except TypeError as err:
             raise TypeError(f"{current_key}: {err}") from None
         new_module = self.tuner_layer_cls(target, adapter_name, config, **kwargs)
+        if getattr(self, "_init_progress", None) is not None:
+            self._init_progress.update()
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # a second adapter is not trainable until set_adapter selects it
         self._replace_module(parent, target_name, new_module, target)
+
+
+def _count_targets(model: nn.Module, config, planned: Optional[dict], mapping) -> Optional[int]:
+    """How many modules the injection will wrap, for the progress bar (None: unknown, PEFT raises its own error)."""
+    try:
+        return len(planned if planned is not None else find_target_modules(model, config, mapping))
+    except (ValueError, TypeError):
+        return None
 
 
 def find_target_modules(model: nn.Module, config, target_module_mapping=TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
