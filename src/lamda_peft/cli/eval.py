@@ -256,6 +256,10 @@ def _validation_table(args: argparse.Namespace, saved: dict) -> Table:
         return read_table(args.validation_file, header=not args.no_header)
     if saved.get("dataset") == BBC_NEWS:
         return bbc_news()[1]
+    if saved.get("hub_dataset"):
+        from ..data_loading import load_hub_table
+
+        return load_hub_table(saved["hub_dataset"], saved.get("dataset_config"), saved["validation_split"])
     if saved.get("validation_file"):
         return read_table(saved["validation_file"], header=not saved.get("no_header", False))
     raise UsageError("pass --validation-file (the adapter folder does not name its validation data)")

@@ -99,6 +99,7 @@ def run_config(args: argparse.Namespace, spec: DataSpec, data_name: str) -> dict
         "target_modules": args.target_modules, "freeze_ratio": args.freeze_ratio, "lr": args.lr,
         "epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size, "seed": args.seed,
         "dataset": data_name,
+        "hub_dataset": str(Path(args.dataset).resolve()) if args.dataset and Path(args.dataset).exists() else args.dataset,
         "train_file": str(Path(args.train_file).resolve()) if args.train_file else None,
         "validation_file": str(Path(args.validation_file).resolve()) if args.validation_file else None,
         "no_header": args.no_header, **dataclasses.asdict(spec),
@@ -128,6 +129,26 @@ def check_output_dir(out: Path, config: dict[str, Any], overwrite: bool) -> None
         return  # the same run again: replaced (or resumed)
     what = "a different run" if previous else "files that are not a 'lamda-peft train' run"
     raise UsageError(f"--output-dir {out} already holds {what}; pass --overwrite to replace it, or another --output-dir")
+
+
+def check_rank(model: torch.nn.Module, peft_cfg: Any, r: int) -> None:
+    """Our methods need r <= min(d_in, d_out) of every target module; say which --r fits (the CLI has no per-module
+    ranks)."""
+    from .. import LamdaConfig, LoraFAConfig
+    from ..tuners.base_model import find_target_modules
+    from ..tuners.delta import base_weight_shape
+
+    if not isinstance(peft_cfg, (LamdaConfig, LoraFAConfig)):
+        return  # stock LoRA takes any rank; full fine-tuning has none
+    try:
+        limits = {name: min(base_weight_shape(m)) for name, m in find_target_modules(model, peft_cfg).items()}
+    except (ValueError, TypeError):
+        return  # get_peft_model reports it
+    over = {name: limit for name, limit in limits.items() if limit < r}
+    if over:
+        name, limit = min(over.items(), key=lambda item: item[1])
+        raise UsageError(f"--r {r} exceeds min(d_in, d_out) = {limit} of {len(over)} target module(s) (e.g. {name}); "
+                         f"pass --r {min(limits.values())} or smaller, or --target-modules without them")
 
 
 def resolve_model_path(name: str) -> str:
@@ -202,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     dtype = torch.bfloat16 if args.bf16 and peft_cfg is not None else torch.float32
     model, tokenizer = load_base(model_path, spec.task, len(spec.classes or []) or 2, dtype=dtype)
+    check_rank(model, peft_cfg, args.r)
     try:
         model = model if peft_cfg is None else get_peft_model(model, peft_cfg)
     except ValueError as err:  # e.g. target modules that do not exist in this model
