@@ -38,13 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    from .checkpoints import sigint_handled
+
     try:
-        return int(args.func(args) or 0)
+        with sigint_handled():
+            parser = build_parser()  # imports the subcommands (transformers, ...): Ctrl-C may come here too
+            args = parser.parse_args(argv)
+            if not getattr(args, "func", None):
+                parser.print_help()
+                return 2
+            return int(args.func(args) or 0)
     except UsageError as err:
         print(f"lamda-peft: error: {err}", file=sys.stderr)
         return 2

@@ -27,6 +27,36 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 RUN_CONFIG = "lamda_peft_run.json"  # in each checkpoint: the run's config, to refuse resuming a different run
 
 
+class _Sigint:
+    caught = False  # set by Ctrl-C; stays set even where Python swallowed the KeyboardInterrupt (see below)
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    _Sigint.caught = True
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def sigint_handled() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt and is remembered: one raised inside a weakref callback or a ``__del__`` is
+    printed and dropped by Python, so ``check_interrupt`` raises it again at the next safe point."""
+    _Sigint.caught = False
+    try:
+        previous = signal.signal(signal.SIGINT, _on_sigint)
+    except ValueError:  # not the main thread (an embedding application): leave its handler alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def check_interrupt() -> None:
+    if _Sigint.caught:
+        raise KeyboardInterrupt
+
+
 @contextmanager
 def sigint_deferred() -> Iterator[None]:
     """Hold Ctrl-C until the block ends (renames that must not be cut in half), then raise it."""
@@ -41,6 +71,7 @@ def sigint_deferred() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGINT, previous)
     if caught:
+        _Sigint.caught = True
         raise KeyboardInterrupt
 
 
@@ -117,6 +148,13 @@ class PublishCheckpoints(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs: Any):
         self.step = state.global_step
+        check_interrupt()
+
+    def on_substep_end(self, args, state, control, **kwargs: Any):
+        check_interrupt()
+
+    def on_prediction_step(self, args, state, control, **kwargs: Any):
+        check_interrupt()
 
     def on_save(self, args, state, control, **kwargs: Any):
         source = Path(args.output_dir) / f"checkpoint-{state.global_step}"

@@ -28,7 +28,7 @@ from ..data_loading import data_name as name_of_data
 from ..data_loading import load_hub_table
 from . import Interrupted, UsageError
 from .checkpoints import (
-    PublishCheckpoints, checkpoint_config, checkpoints, interrupted_message, make_workdir, publish,
+    PublishCheckpoints, check_interrupt, checkpoint_config, checkpoints, interrupted_message, make_workdir, publish,
     resolve_resume,
 )
 from .eval import RUN_FILE, evaluate, generation_report, load_base, print_metrics
@@ -239,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
 
     # 3. Train into a temporary folder beside the output folder; rename it into place at the end. Checkpoints go to
     #    the output folder as they complete; Ctrl-C removes the temporary folder and keeps them.
+    check_interrupt()
     workdir = make_workdir(out)
     publisher = PublishCheckpoints(out, config)
     try:
@@ -248,7 +249,9 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(workdir / "trainer", ignore_errors=True)
         params_end = trainable(model)
         memory = accounted_memory(model, trainer.optimizer)
+        check_interrupt()
         result = evaluate(model, tokenizer, spec, val_ds, args.batch_size)
+        check_interrupt()
         if spec.task == "causal-lm" and args.num_generate > 0:
             result["generation"] = generation_report(model, tokenizer, spec, val_table, args.num_generate,
                                                      args.max_new_tokens)
@@ -265,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
         }
         (workdir / RUN_FILE).write_text(json.dumps(report, indent=2) + "\n")
         plot_losses(trainer.state.log_history, workdir / LOSS_PLOT, f"{args.method}, {args.model}, {data_name}")
+        check_interrupt()
         publish(workdir, out, keep=[p for p in (publisher.last, out / LOGS) if p is not None])
     except KeyboardInterrupt:
         raise Interrupted(interrupted_message(out, publisher.step)) from None
