@@ -187,7 +187,7 @@ def command_line(args: argparse.Namespace) -> str:
     """An explicit command that repeats this run (every option spelled out, defaults resolved)."""
     words = ["lamda-peft", "train"]
     for key, value in vars(args).items():
-        if key in ("func", "command") or value is None or value is False:
+        if key in ("func", "command", "resume_from_checkpoint") or value is None or value is False:
             continue
         words.append("--" + key.replace("_", "-"))
         if value is not True:
