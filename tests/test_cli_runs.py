@@ -125,7 +125,7 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_continues_the_freezing(sst2
     from lamda_peft.cli import main
 
     capsys.readouterr()
-    assert main([*argv[2:], "--lr", "0.5", "--output-dir", str(tmp_path / "x"), "--resume-from-checkpoint",
+    assert main([*argv[1:], "--lr", "0.5", "--output-dir", str(tmp_path / "x"), "--resume-from-checkpoint",
                  str(early)]) == 2
     assert "belongs to a different run (options that differ: lr)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
