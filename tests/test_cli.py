@@ -5,12 +5,14 @@ Bad input must give exit code 2, a message naming the problem, and no output fol
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lamda_peft.cli import main
 
@@ -63,6 +65,7 @@ def test_classification_train_then_eval(sst2, minilm_path, tmp_path, capsys):
     # eval reloads the adapter and reproduces the metrics that train wrote
     capsys.readouterr()
     assert main(["eval", "--adapter", str(out), "--output", str(tmp_path / "eval.json")]) == 0
+    assert "evaluating" in capsys.readouterr().err  # the progress bar of one pass over the data
     again = json.loads((tmp_path / "eval.json").read_text())
     for key in ("accuracy", "f1", "matthews_corr", "loss"):
         assert again[key] == pytest.approx(run["validation"][key], abs=1e-5)
@@ -84,7 +87,7 @@ def test_regression_with_lora(glue_dir, minilm_path, tmp_path):
 
 
 @pytest.mark.slow
-def test_causal_lm_gsm8k(smollm2_path, tmp_path):
+def test_causal_lm_gsm8k(smollm2_path, tmp_path, capsys):
     gsm8k = SHARED / "gsm8k"
     if not gsm8k.is_dir():
         pytest.skip(f"GSM8K not found at {gsm8k}")
@@ -100,6 +103,7 @@ def test_causal_lm_gsm8k(smollm2_path, tmp_path):
     assert run["validation"]["response_tokens"] > 4 * 20  # every answer is tens of tokens
     assert main(["eval", "--adapter", str(out), "--num-generate", "2", "--max-new-tokens", "8",
                  "--output", str(tmp_path / "eval.json")]) == 0
+    assert "generating" in capsys.readouterr().err  # the progress bar of generation
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["loss"] == pytest.approx(run["validation"]["loss"], rel=1e-4)
     assert result["generation"]["generated"] == 2 and "final_answer_exact_match" in result["generation"]
@@ -132,7 +136,21 @@ def test_bad_inputs_exit_2_and_write_nothing(sst2, glue_dir, tmp_path, capsys):
     bad(["train", *data, "--model", "./no-such-model"], capsys, "no such folder", "minilm, smollm2")
     bad(["train", *data, "--epochs", "1", "--max-steps", "2"], capsys, "not both")
     bad(["train", "--validation-file", str(dev)], capsys, "needs --train-file")
+    bad(["train", *data, "--dataset", "glue"], capsys, "not both")
+    if not torch.cuda.is_available():
+        bad(["train", *data, "--fp16"], capsys, "--fp16 needs a GPU", "--bf16")
+    bad(["train", *data, "--gradient-accumulation-steps", "0"], capsys, "positive integer")
+    bad(["train", *data, "--warmup-ratio", "2"], capsys, "--warmup-ratio", "[0, 1]")
+    if importlib.util.find_spec("wandb") is None:
+        bad(["train", *data, "--report-to", "wandb"], capsys, "--report-to wandb needs the wandb package")
+    bad(["train", *data, "--resume-from-checkpoint"], capsys, "holds no checkpoint-N")
+    bad(["train", *data, "--resume-from-checkpoint", str(tmp_path)], capsys, "not a checkpoint folder")
     assert not out.exists()
+    # a rank no module allows: the fix the command line can apply (MiniLM's query is 384 x 384)
+    assert main(["train", *data, "--r", "1000", "--target-modules", "query"]) == 2
+    err = capsys.readouterr().err
+    assert "--r 1000 exceeds min(d_in, d_out) = 384" in err and "pass --r 384 or smaller" in err
+    assert "rank_pattern" not in err and not out.exists()
 
 
 def test_output_dir_holding_another_run_is_refused(sst2, tmp_path, capsys):
@@ -159,3 +177,29 @@ def test_console_script_is_installed(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 2 and "unknown --method 'bogus'" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+
+
+def test_spectral_init_reports_module_i_of_n(tiny_llama, monkeypatch):
+    """The init of a large model shows "spectral init: i/N modules": N is what the injection wraps, counted once each."""
+    from peft import get_peft_model
+
+    from lamda_peft import LamdaConfig, eigensolver
+    from lamda_peft.tuners import base_model
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, total=None, **kwargs):
+            self.total, self.count, self.closed = total, 0, False
+            bars.append(self)
+
+        def update(self, n=1):
+            self.count += n
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(eigensolver, "tqdm", Recorder)
+    model = get_peft_model(tiny_llama(), LamdaConfig(r=2, target_modules="all-linear"))
+    wrapped = sum(1 for m in model.modules() if isinstance(m, base_model.LowRankDeltaLayer))
+    assert wrapped > 1 and [(b.total, b.count, b.closed) for b in bars] == [(wrapped, wrapped, True)]

@@ -36,7 +36,7 @@ def test_defaults_and_inference(glue_dir):
 def test_csv_json_jsonl(tmp_path):
     (tmp_path / "a.csv").write_text('text,label\n"hello, world",1\nbye,0\n')
     table = read_table(tmp_path / "a.csv")
-    assert table.rows[0] == {"text": "hello, world", "label": "1"}
+    assert table.rows[0] == {"text": "hello, world", "label": 1}  # datasets types the label column
     rows = [{"question": "2+2?", "answer": "#### 4"}, {"question": "3+3?", "answer": "#### 6"}]
     (tmp_path / "a.json").write_text(json.dumps(rows))
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -93,3 +93,29 @@ def test_bbc_news_split_is_fixed_and_stratified():
         n_all = n_held + sum(r["label"] == topic for r in train.rows)
         assert abs(n_held - 0.2 * n_all) <= 1
     assert [r["text"] for r in bbc_news()[1].rows] == [r["text"] for r in held.rows]
+
+
+def test_parquet_and_mismatched_rows_through_datasets(tmp_path):
+    import datasets
+
+    rows = [{"sentence": "good", "label": 1}, {"sentence": "bad", "label": 0}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "a.parquet"))
+    table = read_table(tmp_path / "a.parquet")
+    assert table.columns == ["sentence", "label"] and table.rows == rows
+    (tmp_path / "b.tsv").write_text("sentence\tlabel\nok\t1\ntoo\tmany\tfields\n")
+    with pytest.raises(DataError, match="--no-header"):
+        read_table(tmp_path / "b.tsv")
+    (tmp_path / "c.xlsx").write_text("x")
+    with pytest.raises(DataError, match="unsupported file type '.xlsx'.*parquet"):
+        read_table(tmp_path / "c.xlsx")
+
+
+def test_data_names_for_output_folders(tmp_path):
+    from lamda_peft.data_loading import data_name
+
+    assert data_name(path="glue/SST-2/train.tsv") == "SST-2"  # GLUE: every task's file is train.tsv
+    assert data_name(path="glue/CoLA/train.tsv") == "CoLA"
+    assert data_name(path="gsm8k/train.jsonl") == "gsm8k"
+    assert data_name(path="data/reviews.csv") == "reviews"
+    assert data_name(dataset="nyu-mll/glue", config="sst2") == "glue-sst2"
+    assert data_name(dataset=str(tmp_path / "my-data") + "/") == "my-data"

@@ -1,5 +1,5 @@
-"""Reading training data for the command line: tables from csv/tsv/json/jsonl, column checks, task inference and
-tokenization into torch Datasets that the transformers ``Trainer`` accepts.
+"""Training data for the command line: tables (read through ``datasets`` by :mod:`lamda_peft.data_loading`), column
+checks, task inference and tokenization into torch Datasets that the transformers ``Trainer`` accepts.
 
 A table is a list of rows (``dict`` column -> string or number) plus the column names in file order. Files with no
 header (CoLA) get columns named ``"0"``, ``"1"``, ...; a column may also be given by its 0-based index.
@@ -10,9 +10,7 @@ command line turns it into exit code 2.
 
 from __future__ import annotations
 
-import csv
 import importlib.util
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -45,60 +43,10 @@ class Table:
 
 
 def read_table(path: str | Path, header: bool = True) -> Table:
-    """Read a csv, tsv, json (a list of objects) or jsonl file. TSV is read without quoting, as GLUE needs."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"file not found: {path} (give an existing .csv, .tsv, .json or .jsonl file)")
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv", ".txt"):
-        rows, columns = _read_delimited(path, header, tsv=suffix != ".csv")
-    elif suffix in (".json", ".jsonl"):
-        rows, columns = _read_json(path)
-    else:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .json or .jsonl")
-    if not rows:
-        raise DataError(f"{path} holds no data rows")
-    return Table(columns, rows, str(path))
+    """Read a csv, tsv, json, jsonl or parquet file through ``datasets`` (see :mod:`lamda_peft.data_loading`)."""
+    from .data_loading import read_table as read
 
-
-def _read_delimited(path: Path, header: bool, tsv: bool) -> tuple[list[dict], list[str]]:
-    # utf-8-sig drops a byte-order mark (MRPC's header starts with one); GLUE tsv files have bare quotes in text.
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(fh)
-        lines = [line for line in reader if line]
-    if not lines:
-        raise DataError(f"{path} is empty")
-    width = max(len(line) for line in lines)
-    columns = [c.strip() for c in lines[0]] if header else [str(i) for i in range(width)]
-    body = lines[1:] if header else lines
-    rows = []
-    for number, line in enumerate(body, start=2 if header else 1):
-        if len(line) > len(columns):
-            raise DataError(
-                f"{path}, line {number}: {len(line)} fields but the header has {len(columns)}; "
-                "if the file has no header, pass --no-header"
-            )
-        rows.append(dict(zip(columns, line)))
-    return rows, columns
-
-
-def _read_json(path: Path) -> tuple[list[dict], list[str]]:
-    text = path.read_text(encoding="utf-8-sig")
-    try:
-        data = json.loads(text)
-        if isinstance(data, dict):  # one object per line parses as a dict only when the file has a single line
-            data = [data]
-    except json.JSONDecodeError:
-        try:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: not valid JSON or JSON lines ({err})") from None
-    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
-        raise DataError(f"{path}: expected a list of objects (json) or one object per line (jsonl)")
-    columns: list[str] = []
-    for row in data:
-        columns += [key for key in row if key not in columns]
-    return data, columns
+    return read(path, header)
 
 
 def bbc_news(seed: int = 0, held_out: float = 0.2) -> tuple[Table, Table, list[str]]:
@@ -325,8 +273,8 @@ def encode_classification(
     classes: Optional[list[str]], max_length: int,
 ) -> EncodedDataset:
     """Tokenize one text (or a sentence pair) per row; labels are class ids or float targets."""
-    first = [str(v) for v in table.column(text_columns[0])]
-    second = [str(v) for v in table.column(text_columns[1])] if len(text_columns) > 1 else None
+    first = [_text(v) for v in table.column(text_columns[0])]
+    second = [_text(v) for v in table.column(text_columns[1])] if len(text_columns) > 1 else None
     encoded = tokenizer(first, second, truncation=True, max_length=max_length)
     index = {name: i for i, name in enumerate(classes or [])}
     examples = []
@@ -335,6 +283,10 @@ def encode_classification(
         label = float(value) if task == "regression" else index[_label_str(value)]
         examples.append({key: encoded[key][i] for key in encoded.keys()} | {"labels": label})
     return EncodedDataset(examples)
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)  # an empty cell is null in the Arrow table
 
 
 def prompt_text(tokenizer, prompt: str) -> str:

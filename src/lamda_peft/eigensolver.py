@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, TypeVar
 
 import torch
+from tqdm.auto import tqdm
 
 # Below this ratio sigma_r / sigma_1 the Gram matrix is decomposed in float64: float32 resolves eigenvalues to about
 # eps * lambda_1, so a top-r eigenvalue 400x smaller than lambda_1 would lose digits. On SmolLM2 every projection is
@@ -171,14 +172,12 @@ def decompose_many(items: Mapping[str, T], decompose: Callable[[str, T], object]
                    progress: Optional[bool] = None) -> dict[str, object]:
     """{name: decompose(name, item)} for every item, in order, one item per worker thread, each single-threaded.
 
-    ``progress``: a tqdm bar (module i of N); None shows it only on a terminal, and only for more than 8 items.
-    GPU tensors are decomposed one after the other on their device (the GPU parallelises each one).
+    ``progress``: a tqdm bar (``desc: i/N modules``); None shows it on a terminal once the work has lasted 2 s (a
+    large model), False never, True always. GPU tensors are decomposed one after the other on their device.
     """
-    from tqdm.auto import tqdm
-
     names = list(items)
-    show = (len(names) > 8) if progress is None else progress
-    bar = tqdm(total=len(names), desc=desc, unit="module", disable=None if progress is None and show else not show)
+    bar = tqdm(total=len(names), desc=desc, unit="module", leave=False, delay=2 if progress is None else 0,
+               disable=None if progress is None else not progress)
     on_gpu = any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in items.values())
     workers = 1 if on_gpu else min(decomposition_workers(), len(names))
     results: dict[str, object] = {}

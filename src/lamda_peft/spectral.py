@@ -114,7 +114,7 @@ def top_svds(
         rank = r if isinstance(r, int) else r[name]
         return top_svd(weight, rank, method=method, niter=niter, seed=seed, name=name)
 
-    return decompose_many(weights, one, desc=f"SVD ({method})", progress=progress)
+    return decompose_many(weights, one, desc="spectral init", progress=progress)
 
 
 @dataclass(frozen=True)

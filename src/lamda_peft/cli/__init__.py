@@ -1,7 +1,8 @@
 """The ``lamda-peft`` command line: one module per subcommand.
 
 Each subcommand module defines ``add_parser(subparsers)`` (registering its options and ``func``); a user error
-raises ``UsageError`` and exits with code 2 and a one-line message, never a traceback.
+raises ``UsageError`` and exits with code 2 and a one-line message, never a traceback; Ctrl-C exits with code 130 and
+one line (a subcommand may raise ``Interrupted``, a ``KeyboardInterrupt``, with a message saying what was kept).
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ SUBCOMMANDS = ("train", "eval", "spectrum", "report")
 
 class UsageError(Exception):
     """Bad input from the user: printed as ``lamda-peft: error: <message>``, exit code 2."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with a message naming what was kept: printed as ``lamda-peft: <message>``, exit code 130."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,16 +38,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    from .checkpoints import sigint_handled
+
     try:
-        return int(args.func(args) or 0)
+        with sigint_handled():
+            parser = build_parser()  # imports the subcommands (transformers, ...): Ctrl-C may come here too
+            args = parser.parse_args(argv)
+            if not getattr(args, "func", None):
+                parser.print_help()
+                return 2
+            return int(args.func(args) or 0)
     except UsageError as err:
         print(f"lamda-peft: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C: one line, the shell's code for SIGINT (128 + 2)
+        print(f"\nlamda-peft: {err or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .. import metrics as M
 from ..data import BBC_NEWS, CausalLMCollator, DataError, DataSpec, Table, bbc_news, prompt_text, read_table
@@ -30,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "and report the task metrics on --validation-file.",
     )
     p.add_argument("--adapter", required=True, help="folder written by 'lamda-peft train' (or a PEFT adapter)")
-    p.add_argument("--validation-file", help="csv, tsv, json or jsonl (default: the run's own validation data)")
+    p.add_argument("--validation-file", help="csv, tsv, json, jsonl or parquet (default: the run's own validation data)")
     p.add_argument("--model", help="base model (alias, folder or Hub id; default: the one the run used)")
     p.add_argument("--task", help="classification, regression or causal-lm (default: the run's task)")
     p.add_argument("--text-column", nargs="+", help="text column(s) (default: the run's)")
@@ -39,7 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--response-column", help="causal-lm response column (default: the run's)")
     p.add_argument("--no-header", action="store_true", help="the csv/tsv file has no header row (columns 0, 1, ...)")
     p.add_argument("--max-length", type=int, help="tokens per example (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (default 16)")
     p.add_argument("--num-generate", type=int, default=8, help="causal-lm: greedy answers for the first N rows")
     p.add_argument("--max-new-tokens", type=int, default=256, help="causal-lm: generation length limit")
     p.add_argument("--output", help="also write the metrics as JSON to this file")
@@ -60,10 +63,38 @@ def load_base(path: str, task: str, num_labels: int = 2, dtype: torch.dtype = to
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     else:
         problem = "regression" if task == "regression" else "single_label_classification"
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1 if task == "regression" else num_labels, problem_type=problem, dtype=dtype)
+        with _quiet_load_report():  # its "MISSING" lines for the new head alarm for nothing: one line below instead
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1 if task == "regression" else num_labels, problem_type=problem, dtype=dtype,
+                output_loading_info=True)
+        _explain_new_head(model, info)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+@contextmanager
+def _quiet_load_report():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _explain_new_head(model, info: dict) -> None:
+    """One line for the classification head that the checkpoint lacks (expected); other missing weights are listed."""
+    missing = list(info.get("missing_keys") or [])
+    head = [k for k in missing if k.split(".")[0] in ("classifier", "score", "pre_classifier")]
+    other = [k for k in missing if k not in head]
+    if head:
+        print(f"new classification head ({', '.join(sorted(head))}): not in the pretrained checkpoint, initialised "
+              "at random and trained with the adapter (expected)")
+    if other:
+        print(f"warning: {len(other)} weights of {type(model).__name__} were not in the checkpoint and are random: "
+              f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''}", file=sys.stderr)
 
 
 def collator_for(spec: DataSpec, tokenizer):
@@ -84,7 +115,7 @@ def evaluate(model, tokenizer, spec: DataSpec, dataset, batch_size: int = 32) ->
     device = next(model.parameters()).device
     collate = collator_for(spec, tokenizer)
     loss_sum, count, outputs, labels = 0.0, 0, [], []
-    for start in range(0, len(dataset), batch_size):
+    for start in tqdm(range(0, len(dataset), batch_size), desc="evaluating", unit="batch", leave=False):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         batch = {k: v.to(device) for k, v in batch.items()}
         target = batch.pop("labels")
@@ -119,7 +150,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     answers = []
     try:
-        for start in range(0, len(prompts), batch_size):
+        for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch", leave=False):
             texts = [prompt_text(tokenizer, p) for p in prompts[start:start + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
@@ -144,7 +175,9 @@ def generation_report(model, tokenizer, spec: DataSpec, table: Table, n: int, ma
 
 
 def print_metrics(values: dict[str, Any], prefix: str = "") -> None:
-    shown = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+    """``accuracy=0.9230  loss=0.5440``: plain numbers (numpy scalars too, never ``np.float64(...)``)."""
+    shown = {k: v.item() if isinstance(v, np.generic) else v for k, v in values.items()}
+    shown = {k: v for k, v in shown.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     print(prefix + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
 
 
@@ -223,6 +256,10 @@ def _validation_table(args: argparse.Namespace, saved: dict) -> Table:
         return read_table(args.validation_file, header=not args.no_header)
     if saved.get("dataset") == BBC_NEWS:
         return bbc_news()[1]
+    if saved.get("hub_dataset"):
+        from ..data_loading import load_hub_table
+
+        return load_hub_table(saved["hub_dataset"], saved.get("dataset_config"), saved["validation_split"])
     if saved.get("validation_file"):
         return read_table(saved["validation_file"], header=not saved.get("no_header", False))
     raise UsageError("pass --validation-file (the adapter folder does not name its validation data)")

@@ -1,0 +1,201 @@
+"""Checkpoints, resume and clean stops for ``lamda-peft train``.
+
+The run trains in a temporary folder beside the output folder. Every checkpoint the ``Trainer`` writes there
+(``checkpoint-N``: adapter, optimizer, scheduler, RNG and trainer state) is, once complete, renamed into the output
+folder and the previous one removed, so the output folder only ever holds complete checkpoints. Ctrl-C (SIGINT)
+anywhere raises ``KeyboardInterrupt``, except inside the few renames that publish files (``sigint_deferred``); the
+temporary folder is removed and the command exits with code 130 and one line naming the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+from transformers import TrainerCallback
+
+from . import UsageError
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+RUN_CONFIG = "lamda_peft_run.json"  # in each checkpoint: the run's config, to refuse resuming a different run
+
+
+class _Sigint:
+    caught = False  # set by Ctrl-C; stays set even where Python swallowed the KeyboardInterrupt (see below)
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    _Sigint.caught = True
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def sigint_handled() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt and is remembered: one raised inside a weakref callback or a ``__del__`` is
+    printed and dropped by Python, so ``check_interrupt`` raises it again at the next safe point."""
+    _Sigint.caught = False
+    try:
+        previous = signal.signal(signal.SIGINT, _on_sigint)
+    except ValueError:  # not the main thread (an embedding application): leave its handler alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def check_interrupt() -> None:
+    if _Sigint.caught:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C until the block ends (renames that must not be cut in half), then raise it."""
+    caught: list[Any] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    except ValueError:  # not the main thread: signals cannot arrive here anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        _Sigint.caught = True
+        raise KeyboardInterrupt
+
+
+def private_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: Path) -> None:
+    """Give ``root`` and everything under it the modes the umask allows (safetensors and mkdtemp write 0600/0700, so
+    other users could not read a shared run)."""
+    mask = private_umask()
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def make_workdir(out: Path) -> Path:
+    """A temporary folder beside ``out`` (same file system, so it can be renamed into place), with the umask's mode
+    rather than mkdtemp's 0700: a shared run stays readable by whom the user's umask allows."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(workdir, 0o777 & ~private_umask())
+    return workdir
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """The ``checkpoint-N`` folders in ``folder``, by step."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_config(checkpoint: Path) -> Optional[dict]:
+    try:
+        return json.loads((checkpoint / RUN_CONFIG).read_text()).get("config")
+    except (OSError, ValueError):
+        return None
+
+
+def resolve_resume(value: Optional[str], out: Path, config: dict) -> Optional[Path]:
+    """The checkpoint to resume from: ``latest`` is the newest in ``out``; a path must be a checkpoint of this run."""
+    if value is None:
+        return None
+    if value == "latest":
+        found = checkpoints(out)
+        if not found:
+            raise UsageError(f"--resume-from-checkpoint: {out} holds no checkpoint-N folder; give a checkpoint path, "
+                             "or run without --resume-from-checkpoint")
+        path = found[-1]
+    else:
+        path = Path(value)
+        if not (path / "trainer_state.json").is_file():
+            raise UsageError(f"--resume-from-checkpoint {value}: not a checkpoint folder (no trainer_state.json); "
+                             "give a checkpoint-N folder written with --save-steps")
+    saved = checkpoint_config(path)
+    if saved is not None and saved != json.loads(json.dumps(config)):
+        changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != json.loads(json.dumps(config.get(k))))
+        raise UsageError(f"--resume-from-checkpoint {path} belongs to a different run (options that differ: "
+                         f"{', '.join(changed)}); resume with the options it was trained with")
+    return path
+
+
+class PublishCheckpoints(TrainerCallback):
+    """After the Trainer saved ``checkpoint-N`` (complete), move it into ``out`` and drop the older ones."""
+
+    def __init__(self, out: Path, config: dict[str, Any]) -> None:
+        self.out = out
+        self.config = config
+        self.last: Optional[Path] = None  # the checkpoint this run published last
+        self.step = 0  # the last optimizer step completed
+
+    def on_step_end(self, args, state, control, **kwargs: Any):
+        self.step = state.global_step
+        check_interrupt()
+
+    def on_substep_end(self, args, state, control, **kwargs: Any):
+        check_interrupt()
+
+    def on_prediction_step(self, args, state, control, **kwargs: Any):
+        check_interrupt()
+
+    def on_save(self, args, state, control, **kwargs: Any):
+        source = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not source.is_dir():
+            return
+        (source / RUN_CONFIG).write_text(json.dumps({"config": self.config}, indent=2) + "\n")
+        apply_umask(source)
+        target = self.out / source.name
+        with sigint_deferred():
+            self.out.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.out, 0o777 & ~private_umask())
+            if target.exists():  # the same step of an earlier attempt of this run
+                shutil.rmtree(target)
+            os.replace(source, target)
+            self.last = target
+            for old in checkpoints(self.out):
+                if old != target:
+                    shutil.rmtree(old, ignore_errors=True)
+
+
+def publish(workdir: Path, out: Path, keep: Sequence[Path] = ()) -> None:
+    """Put the finished run in place of ``out``, keeping what this run wrote there as it went (``keep``: its latest
+    checkpoint, its logs); Ctrl-C waits until it is done."""
+    apply_umask(workdir)
+    with sigint_deferred():
+        for path in keep:
+            if path.exists():
+                os.replace(path, workdir / path.name)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, trash / out.name)
+            os.replace(workdir, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(workdir, out)
+
+
+def interrupted_message(out: Path, step: Optional[int]) -> str:
+    where = f" at step {step}" if step else ""
+    found = checkpoints(out)
+    if found:
+        return (f"interrupted{where}; the last checkpoint is {found[-1]} (continue with the same command and "
+                "--resume-from-checkpoint)")
+    return f"interrupted{where}; nothing was written (pass --save-steps N to keep checkpoints)"

@@ -1,0 +1,107 @@
+"""The options of ``lamda-peft train`` and the checks that need no data or model (exit code 2 before any work)."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import UsageError
+from .training import LR_SCHEDULERS, REPORTERS, check_reporters
+
+METHODS = ("lamda", "lamda++", "lora-fa", "lora", "full")
+DEFAULT_LR = {"full": 5e-5}  # adapters: 1e-3
+
+
+def add_parser(subparsers: argparse._SubParsersAction, run) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train", help="fine-tune a model (no arguments: the MiniLM + BBC News demo)",
+        description="Fine-tune with LaMDA (default), LaMDA++, LoRA-FA, PEFT LoRA or full fine-tuning. "
+                    "Writes the adapter, metrics.json and loss_curve.png to --output-dir.",
+    )
+    d = p.add_argument_group("data (default: the BBC News demo)")
+    d.add_argument("--train-file", help="csv, tsv, json, jsonl or parquet")
+    d.add_argument("--validation-file", help="csv, tsv, json, jsonl or parquet; metrics are computed on it")
+    d.add_argument("--dataset", help="a data set on the Hub (or a local data set folder), read with datasets")
+    d.add_argument("--dataset-config", help="--dataset: its configuration (e.g. sst2 for nyu-mll/glue)")
+    d.add_argument("--train-split", default="train", help="--dataset: training split (default train)")
+    d.add_argument("--validation-split", default="validation", help="--dataset: validation split (default validation)")
+    d.add_argument("--no-header", action="store_true", help="csv/tsv without a header row: columns are 0, 1, ...")
+    d.add_argument("--text-column", nargs="+", help="one text column, or two for sentence pairs (name or index)")
+    d.add_argument("--label-column", help="label column (default: 'label', 'labels' or 'score')")
+    d.add_argument("--task", help="classification, regression or causal-lm (default: inferred from the data)")
+    d.add_argument("--prompt-column", help="causal-lm: prompt column (default: 'prompt', 'question', 'instruction' "
+                                           "or 'input')")
+    d.add_argument("--response-column", help="causal-lm: response column, the only tokens in the loss (default: "
+                                             "'response', 'answer', 'output' or 'completion')")
+    m = p.add_argument_group("model and method")
+    m.add_argument("--model", default="minilm", help="alias (minilm, smollm2), local folder or Hub id")
+    m.add_argument("--method", default="lamda", help=f"one of {', '.join(METHODS)} (default lamda)")
+    m.add_argument("--r", type=int, default=8, help="adapter rank (default 8)")
+    m.add_argument("--lora-alpha", type=float, help="scaling numerator, s = alpha / r (default 2 r)")
+    m.add_argument("--target-modules", nargs="+", default=["all-linear"], help="module names or 'all-linear'")
+    m.add_argument("--freeze-ratio", type=float, help="LaMDA: fraction of steps over which B freezes (default 0.3)")
+    t = p.add_argument_group("training")
+    t.add_argument("--lr", type=float, help="learning rate (default 1e-3 for adapters, 5e-5 for full)")
+    t.add_argument("--epochs", type=float, help="passes over the training data (default 1)")
+    t.add_argument("--max-steps", type=int, help="optimizer steps (instead of --epochs)")
+    t.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (default 16)")
+    t.add_argument("--gradient-accumulation-steps", type=int, default=1,
+                   help="forward passes per optimizer step: the effective batch is batch-size * this (default 1)")
+    t.add_argument("--max-length", type=int, default=128, help="tokens per example; longer ones are truncated "
+                                                               "(default 128)")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (default 0)")
+    t.add_argument("--warmup-ratio", type=float, default=0.06, help="fraction of steps of linear warmup (default "
+                                                                     "0.06)")
+    t.add_argument("--lr-scheduler", default="linear", choices=LR_SCHEDULERS, help="learning-rate schedule after "
+                                                                                     "warmup (default linear decay)")
+    prec = t.add_mutually_exclusive_group()
+    prec.add_argument("--bf16", action="store_true", help="bfloat16: the frozen base weights in bf16 and bf16 "
+                                                          "autocast; trainable factors stay float32")
+    prec.add_argument("--fp16", action="store_true", help="float16 autocast with loss scaling (GPU); trainable "
+                                                          "factors stay float32")
+    t.add_argument("--seed", type=int, default=0, help="seed of the adapter init, data order and dropout (default 0)")
+    o = p.add_argument_group("evaluation, logging and checkpoints")
+    o.add_argument("--eval-steps", type=int, help="validation loss every N optimizer steps, for the plot (default: "
+                                                  "4 times per run; 0: only at the end)")
+    o.add_argument("--logging-steps", type=int, help="train loss logged every N steps (default: 50 times per run)")
+    o.add_argument("--report-to", nargs="+", default=["none"], choices=REPORTERS,
+                   help="also log to tensorboard (in OUTPUT_DIR/logs) or wandb (default none)")
+    o.add_argument("--save-steps", type=int, help="write a checkpoint to OUTPUT_DIR/checkpoint-N every N steps "
+                                                  "(the last one is kept)")
+    o.add_argument("--resume-from-checkpoint", nargs="?", const="latest", metavar="CHECKPOINT",
+                   help="continue from a checkpoint-N folder (no value: the newest one in --output-dir)")
+    o.add_argument("--num-generate", type=int, default=0, help="causal-lm: greedy answers for N validation rows")
+    o.add_argument("--max-new-tokens", type=int, default=256, help="causal-lm: generation length limit")
+    o.add_argument("--output-dir", help="default runs/<method>-<model>-<data>")
+    o.add_argument("--overwrite", action="store_true", help="replace an output folder that holds a different run")
+    p.set_defaults(func=run)
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every check on the options alone; fills in the defaults that depend on other options."""
+    if args.method not in METHODS:
+        raise UsageError(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
+    if args.epochs is not None and args.max_steps is not None:
+        raise UsageError("give --epochs or --max-steps, not both")
+    for name in ("r", "batch_size", "max_length", "max_steps", "gradient_accumulation_steps", "save_steps",
+                 "logging_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.eval_steps is not None and args.eval_steps < 0:
+        raise UsageError(f"--eval-steps must be 0 (only at the end) or a positive integer, got {args.eval_steps}")
+    if not 0 <= args.warmup_ratio <= 1:
+        raise UsageError(f"--warmup-ratio is a fraction of the steps, in [0, 1]; got {args.warmup_ratio}")
+    if args.weight_decay < 0:
+        raise UsageError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.dataset and (args.train_file or args.validation_file):
+        raise UsageError("give --dataset or --train-file/--validation-file, not both")
+    if args.dataset_config and not args.dataset:
+        raise UsageError("--dataset-config needs --dataset")
+    if args.fp16:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--fp16 needs a GPU (float16 autocast with loss scaling); on the CPU use --bf16")
+    args.report_to = check_reporters(args.report_to) or ["none"]
+    args.lora_alpha = args.lora_alpha or 2.0 * args.r
+    args.lr = args.lr or DEFAULT_LR.get(args.method, 1e-3)

@@ -1,0 +1,166 @@
+"""The training loop of ``lamda-peft train`` (and of the accuracy benchmarks): the transformers ``Trainer`` with
+the options a fine-tuning command is expected to have, ``LamdaCallback`` for LaMDA, and the run's accounting.
+
+``args`` is the parsed command line; the benchmarks pass a ``SimpleNamespace`` with only ``batch_size``, ``lr``,
+``epochs``, ``max_steps``, ``seed``, ``eval_steps`` and ``method``, so every later option has a default here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from transformers.trainer_callback import ProgressCallback
+
+from . import UsageError
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
+REPORTERS = ("none", "tensorboard", "wandb")
+DEFAULTS = {"gradient_accumulation_steps": 1, "weight_decay": 0.0, "warmup_ratio": 0.06, "lr_scheduler": "linear",
+            "bf16": False, "fp16": False, "save_steps": None, "report_to": ["none"], "logging_steps": None}
+
+
+def option(args: Any, name: str) -> Any:
+    return getattr(args, name, DEFAULTS[name])
+
+
+def total_steps(train_rows: int, args: Any) -> int:
+    """Optimizer steps of the run: --max-steps, or epochs * ceil(batches per epoch / gradient accumulation)."""
+    if args.max_steps:
+        return args.max_steps
+    batches = math.ceil(train_rows / args.batch_size)
+    per_epoch = max(1, math.ceil(batches / option(args, "gradient_accumulation_steps")))
+    return max(1, math.ceil(per_epoch * (args.epochs or 1)))
+
+
+def eval_every(args: Any, total: int) -> int:
+    """--eval-steps, or 4 evaluations per run (every ceil(T / 4) steps: T = 5 gives steps 2 and 4, not all 5)."""
+    return args.eval_steps or max(1, math.ceil(total / 4))
+
+
+def check_reporters(report_to: Sequence[str]) -> list[str]:
+    """The integrations to log to; an uninstalled one is a usage error naming the package."""
+    chosen = [r for r in report_to if r != "none"]
+    for name in chosen:
+        if name not in REPORTERS:
+            raise UsageError(f"--report-to {name!r}: choose from {', '.join(REPORTERS)}")
+        if importlib.util.find_spec(name) is None:
+            extra = ' (pip install "lamda-peft[tensorboard]")' if name == "tensorboard" else ""
+            raise UsageError(f"--report-to {name} needs the {name} package: pip install {name}{extra}")
+    return chosen
+
+
+def lamda_callbacks(method: str) -> list:
+    if method not in ("lamda", "lamda++"):
+        return []
+    try:
+        from .. import LamdaCallback
+    except ImportError:
+        print("warning: lamda_peft.LamdaCallback is not available; B is not frozen during this run", file=sys.stderr)
+        return []
+    return [LamdaCallback()]
+
+
+def reporting_callbacks(report_to: Sequence[str], logging_dir: Optional[Path]) -> tuple[list, list[str]]:
+    """(callbacks, report_to for TrainingArguments): TensorBoard writes to ``logging_dir``; wandb is the Trainer's."""
+    callbacks: list = []
+    if "tensorboard" in report_to and logging_dir is not None:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(logging_dir))))
+    return callbacks, [r for r in report_to if r == "wandb"] or ["none"]
+
+
+def train_model(model, tokenizer, spec, train_ds, eval_ds, args: argparse.Namespace | Any, workdir: Path,
+                callbacks: Sequence = (), resume: Optional[Path] = None, logging_dir: Optional[Path] = None):
+    """Run the Trainer; returns it (its ``state.log_history`` holds the losses and, for LaMDA, the frozen columns).
+
+    Checkpoints (--save-steps) are written under ``workdir``; ``callbacks`` may move them elsewhere on save.
+    """
+    from transformers import Trainer, TrainingArguments
+
+    from .eval import collator_for
+
+    total = total_steps(len(train_ds), args)
+    save_steps = option(args, "save_steps")
+    extra, report_to = reporting_callbacks(option(args, "report_to"), logging_dir)
+    training_args = TrainingArguments(
+        output_dir=str(workdir), per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size, learning_rate=args.lr,
+        gradient_accumulation_steps=option(args, "gradient_accumulation_steps"),
+        num_train_epochs=args.epochs or 1, max_steps=args.max_steps or -1,
+        warmup_steps=int(option(args, "warmup_ratio") * total), lr_scheduler_type=option(args, "lr_scheduler"),
+        weight_decay=option(args, "weight_decay"), bf16=option(args, "bf16"), fp16=option(args, "fp16"),
+        logging_steps=option(args, "logging_steps") or max(1, total // 50),
+        eval_strategy="steps" if eval_ds is not None else "no", eval_steps=eval_every(args, total),
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        restore_callback_states_from_checkpoint=resume is not None,
+        report_to=report_to, seed=args.seed, data_seed=args.seed, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, disable_tqdm=False,
+    )
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      data_collator=collator_for(spec, tokenizer),
+                      callbacks=[*lamda_callbacks(args.method), *extra, *callbacks])
+    if not training_args.disable_tqdm:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(NumericProgress)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except KeyboardInterrupt:
+        for callback in trainer.callback_handler.callbacks:  # close the bars now, so Ctrl-C's line is the last one
+            for bar in (getattr(callback, "training_bar", None), getattr(callback, "prediction_bar", None)):
+                if bar is not None:
+                    bar.close()
+        raise
+    return trainer
+
+
+class NumericProgress(ProgressCallback):
+    """The Trainer's progress bar, with its log lines as numbers (``step 20: loss=0.6931 learning_rate=0.001``)
+    rather than a dict of strings."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs: Any):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        shown = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and k != "total_flos"}
+        self.training_bar.write(f"step {state.global_step}: " + "  ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+
+
+def trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def accounted_memory(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict[str, int]:
+    """Bytes of parameters, of gradients of the trainable ones and of the optimizer state (no activations)."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    state = 0
+    if optimizer is not None:
+        for per_param in optimizer.state.values():
+            state += sum(v.numel() * v.element_size() for v in per_param.values() if torch.is_tensor(v))
+    return {"parameters": params, "gradients": grads, "optimizer_state": state, "total": params + grads + state}
+
+
+def plot_losses(log_history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label, style in (("loss", "train loss", "-"), ("eval_loss", "validation loss", "o-")):
+        points = [(h["step"], h[key]) for h in log_history if key in h]
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    ax.set_xlabel("optimizer step"), ax.set_ylabel("loss"), ax.set_title(title), ax.legend(), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
