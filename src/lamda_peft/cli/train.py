@@ -27,8 +27,10 @@ from typing import Any, Optional
 import torch
 
 from ..data import BBC_NEWS, DataError, DataSpec, Table, bbc_news, infer_spec, read_table
+from ..tuners.quantized import quantization_state_bytes
 from . import UsageError
-from .eval import RUN_FILE, evaluate, generation_report, load_base, print_metrics
+from . import quantized_base
+from .eval import RUN_FILE, evaluate, generation_report, print_metrics
 
 METHODS = ("lamda", "lamda++", "lora-fa", "lora", "full")
 # "pissa" (PEFT LoRA with PiSSA init) is in peft_config for the benchmarks only: a PiSSA adapter has to be converted to
@@ -59,6 +61,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--lora-alpha", type=float, help="scaling numerator, s = alpha / r (default 2 r)")
     m.add_argument("--target-modules", nargs="+", default=["all-linear"], help="module names or 'all-linear'")
     m.add_argument("--freeze-ratio", type=float, help="LaMDA: fraction of steps over which B freezes (default 0.3)")
+    quantized_base.add_argument(m)
     t = p.add_argument_group("training")
     t.add_argument("--lr", type=float, help="learning rate (default 1e-3 for adapters, 5e-5 for full)")
     t.add_argument("--epochs", type=float, help="passes over the training data (default 1)")
@@ -173,7 +176,7 @@ def trainable(model: torch.nn.Module) -> int:
 
 def accounted_memory(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict[str, int]:
     """Bytes of parameters, of gradients of the trainable ones and of the optimizer state (no activations)."""
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    params = sum(p.numel() * p.element_size() for p in model.parameters()) + quantization_state_bytes(model)
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     state = 0
     if optimizer is not None:
@@ -278,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("the BBC News demo is a classification task; pass --train-file for other tasks")
     peft_cfg = peft_config(args.method, args.r, args.lora_alpha, targets, spec.task, args.freeze_ratio)
     model_path = resolve_model_path(args.model)
-    config = run_config(args, spec, data_name)
+    config = {**run_config(args, spec, data_name), **quantized_base.check(args)}
     out = Path(args.output_dir or Path("runs") / f"{args.method.replace('+', 'p')}-{Path(args.model).name}-{data_name}")
     check_output_dir(out, config, args.overwrite)
 
@@ -287,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.time()
     torch.manual_seed(args.seed)
-    model, tokenizer = load_base(model_path, spec.task, len(spec.classes or []) or 2)
+    model, tokenizer = quantized_base.load_base(args, model_path, spec.task, len(spec.classes or []) or 2)
     try:
         model = model if peft_cfg is None else get_peft_model(model, peft_cfg)
     except ValueError as err:  # e.g. target modules that do not exist in this model

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .quantized import dense_weight
+
 
 def low_rank_matrix(B: torch.Tensor, S: Optional[torch.Tensor], B0S0: Optional[torch.Tensor]) -> torch.Tensor:
     """M = B S - B0S0 (d_out, r); exactly zero at init for every init of method.md 3.1."""
@@ -71,5 +73,5 @@ def base_weight_shape(base: nn.Module) -> tuple[int, int]:
 
 
 def weight_as_out_in(base: nn.Module) -> torch.Tensor:
-    """The base weight as (d_out, d_in), whatever the layer's storage convention."""
-    return base.weight.T if isinstance(base, Conv1D) else base.weight
+    """The base weight as (d_out, d_in), whatever the layer's storage convention (dequantized if bnb-quantized)."""
+    return dense_weight(base)

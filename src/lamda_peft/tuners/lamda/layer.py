@@ -20,6 +20,7 @@ from peft.tuners._buffer_dict import BufferDict
 
 from ...spectral import TopSVD, kaiming_uniform_factor, spectral_factors, top_svd
 from ..base_layer import LowRankDeltaLayer
+from ..quantized import factor_dtype
 from ..delta import weight_as_out_in
 from .config import LamdaConfig
 
@@ -63,7 +64,7 @@ class LamdaLinear(LowRankDeltaLayer):
         self.scaling[adapter_name] = lora_alpha / r
         self.lamda_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         f32 = dict(device=weight.device, dtype=torch.float32)
-        self.lamda_A[adapter_name] = torch.zeros(r, d_in, device=weight.device, dtype=weight.dtype)
+        self.lamda_A[adapter_name] = torch.zeros(r, d_in, device=weight.device, dtype=factor_dtype(self.get_base_layer()))
         self.lamda_B0S0[adapter_name] = torch.zeros(d_out, r, **f32)
         self.lamda_S[adapter_name] = nn.Parameter(torch.zeros(r, r, **f32))
         self.lamda_B[adapter_name] = nn.Parameter(torch.zeros(d_out, r, **f32))

@@ -18,6 +18,7 @@ from peft.tuners._buffer_dict import BufferDict
 
 from ...spectral import kaiming_uniform_factor
 from ..base_layer import LowRankDeltaLayer
+from ..quantized import factor_dtype
 from .config import LoraFAConfig
 
 
@@ -82,7 +83,7 @@ class LoraFALinear(LowRankDeltaLayer):
         self.scaling[adapter_name] = lora_alpha / r
         self.grad_correction[adapter_name] = config.grad_correction
         self.lorafa_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        self.lorafa_A[adapter_name] = torch.zeros(r, d_in, device=weight.device, dtype=weight.dtype)
+        self.lorafa_A[adapter_name] = torch.zeros(r, d_in, device=weight.device, dtype=factor_dtype(self.get_base_layer()))
         self.lorafa_B[adapter_name] = nn.Parameter(torch.zeros(d_out, r, device=weight.device, dtype=torch.float32))
         self._assign_factors(
             adapter_name, lambda: {"lorafa_A": kaiming_uniform_factor(r, d_in)}, defer=defer_init
