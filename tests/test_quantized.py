@@ -173,22 +173,7 @@ def test_smollm2_in_4bit_trains_and_reloads(smollm2_path, tmp_path):
         assert torch.equal(reloaded(ids).logits, trained)
 
 
-@pytest.fixture(scope="module")
-def tiny_with_tokenizer(smollm2_path, tmp_path_factory):
-    """A tiny random LLaMA with SmolLM2's tokenizer (the CLI needs one): quantizing it takes no time."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-llama-tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def test_cli_train_load_in_4bit(tiny_with_tokenizer, tmp_path, capsys):
+def test_cli_train_load_in_4bit(tiny_chat_model, tmp_path, capsys):
     from lamda_peft.cli import main
 
 
@@ -197,7 +182,7 @@ def test_cli_train_load_in_4bit(tiny_with_tokenizer, tmp_path, capsys):
     data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     held_out.write_text("\n".join(json.dumps(row) for row in rows[:2]) + "\n")
     out = tmp_path / "run"
-    argv = ["train", "--train-file", str(data), "--validation-file", str(held_out), "--model", tiny_with_tokenizer,
+    argv = ["train", "--train-file", str(data), "--validation-file", str(held_out), "--model", tiny_chat_model,
             "--target-modules", "q_proj", "v_proj", "--max-steps", "1", "--batch-size", "2", "--max-length", "64",
             "--eval-steps", "1", "--output-dir", str(out)]
     assert main([*argv, "--method", "full", "--load-in-4bit"]) == 2
@@ -210,7 +195,7 @@ def test_cli_train_load_in_4bit(tiny_with_tokenizer, tmp_path, capsys):
     from transformers import AutoConfig
 
     with torch.device("meta"):
-        float_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_with_tokenizer))
+        float_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_chat_model))
     linears = [m for n, m in float_model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     quantized = sum(m.weight.numel() for m in linears)
     expected = (4 * (sum(p.numel() for p in float_model.parameters()) - quantized) + quantized // 2
