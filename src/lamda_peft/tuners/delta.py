@@ -64,8 +64,9 @@ def base_weight_shape(base: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of a supported base layer."""
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features
-    if isinstance(base, Conv1D):  # GPT-2 style: weight is (d_in, d_out)
-        return base.weight.shape[0], base.weight.shape[1]
+    if isinstance(base, Conv1D):  # GPT-2 style: weight is (d_in, d_out); ZeRO-3 keeps the real shape in ds_shape
+        shape = getattr(base.weight, "ds_shape", base.weight.shape)
+        return shape[0], shape[1]
     raise TypeError(
         f"unsupported layer type {type(base).__name__}: lamda_peft adapts torch.nn.Linear and transformers' Conv1D; "
         "leave this module out of target_modules (or add it to exclude_modules)."

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..integrations.deepspeed import gathered_copy, is_zero3_param
+
 QuantKind = Literal["4bit", "8bit"]
 
 
@@ -32,7 +34,8 @@ def quant_kind(base: nn.Module) -> Optional[QuantKind]:
 
 
 def dense_weight(base: nn.Module) -> torch.Tensor:
-    """The weight the layer multiplies by, as a floating (d_out, d_in) tensor (dequantized for a bnb layer)."""
+    """The weight the layer multiplies by, as a floating (d_out, d_in) tensor: dequantized for a bnb layer,
+    gathered for a DeepSpeed ZeRO-3 partitioned one."""
     kind = quant_kind(base)
     if kind is not None:
         import bitsandbytes.functional as F
@@ -43,7 +46,10 @@ def dense_weight(base: nn.Module) -> torch.Tensor:
         # PEFT's dequantize_module_weight moves an 8-bit CPU weight through .to(), which drops its scales (SCB)
         scales = weight.SCB if weight.SCB is not None else base.state.SCB
         return F.int8_vectorwise_dequant(weight.data, scales.to(weight.device)).detach()
-    return base.weight.T if isinstance(base, Conv1D) else base.weight
+    weight = base.weight
+    if is_zero3_param(weight):  # partitioned by DeepSpeed ZeRO-3: read it whole (a collective)
+        weight = gathered_copy(weight)
+    return weight.T if isinstance(base, Conv1D) else weight
 
 
 def factor_dtype(base: nn.Module) -> torch.dtype:

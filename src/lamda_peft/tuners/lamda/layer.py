@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from peft.tuners._buffer_dict import BufferDict
 
+from ...integrations.deepspeed import broadcast_from_first_rank, is_zero3_param
 from ...spectral import TopSVD, kaiming_uniform_factor, spectral_factors, top_svd
 from ..base_layer import LowRankDeltaLayer
 from ..quantized import factor_dtype
@@ -107,4 +108,7 @@ def initial_factors(base: nn.Module, config: LamdaConfig, r: int, scaling: float
         A, B = factors.A, factors.B0
         S = eye if config.init == "spectral" else torch.zeros(r, r)
         B0S0 = B @ S
-    return {"lamda_A": A, "lamda_B": B, "lamda_S": S, "lamda_B0S0": B0S0}
+    factors = {"lamda_A": A, "lamda_B": B, "lamda_S": S, "lamda_B0S0": B0S0}
+    if is_zero3_param(base.weight):  # ranks decomposed the same gathered weight; make them agree bit for bit
+        factors = broadcast_from_first_rank(factors)
+    return factors
