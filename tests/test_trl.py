@@ -101,3 +101,23 @@ def test_dpo_with_an_adapter_model_uses_the_base_as_reference(tiny_chat_model, t
     with model.disable_adapter():
         assert torch.equal(logits(model, ids, bf16=False), logits(base, ids, bf16=False))
     assert not torch.equal(logits(model, ids, bf16=False), logits(base, ids, bf16=False))
+
+
+def test_sft_on_a_4bit_base_keeps_factors_float32_and_step_zero_exact(tiny_chat_model, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_model, quantization_config=q)
+    ids = torch.tensor([[1, 42, 7, 300, 5, 9]])
+    reference = logits(base, ids, bf16=False)
+    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=1, per_device_train_batch_size=2, max_length=64,
+                         report_to="none", save_strategy="no", use_cpu=True, bf16=False, learning_rate=0.0)
+    trainer = trl.SFTTrainer(model=base, args=args, train_dataset=chats(), peft_config=LamdaConfig(
+        r=4, target_modules=TARGETS, task_type="CAUSAL_LM"), callbacks=[LamdaCallback()],
+        processing_class=AutoTokenizer.from_pretrained(tiny_chat_model))
+    with pytest.warns(UserWarning, match="restored to float32"):
+        trainer.train()  # TRL cast S and B to bf16; the callback restores them before the first step
+    layer = trainer.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lamda_B["default"].dtype == layer.lamda_S["default"].dtype == torch.float32
+    assert torch.equal(logits(trainer.model.eval(), ids, bf16=False), reference)  # lr 0: still step 0, exactly
