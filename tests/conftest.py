@@ -69,3 +69,19 @@ def glue_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"GLUE data not found at {path} (the project expects ../shared/data beside the checkout)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(smollm2_path, tmp_path_factory) -> str:
+    """A folder with a tiny random LLaMA and SmolLM2's tokenizer (with its chat template): for the CLI, TRL and
+    bitsandbytes tests, which need a tokenizer but not real weights."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama-tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

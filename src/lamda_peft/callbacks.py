@@ -13,12 +13,39 @@ are frozen at once from the checkpoint's B, whose frozen columns hold exactly th
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
+
+import torch
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .freezing import PMBFreezer, Release, attach_freezing, check_release
+from .tuners.base_layer import LowRankDeltaLayer
+
+
+def restore_float32_factors(model: Any, fresh: bool) -> None:
+    """Put trainable factors (S, B) back in float32 if a trainer cast them (TRL's SFTTrainer casts every trainable
+    parameter to bf16 on a quantized base). The cast rounded B, so on a ``fresh`` run (no step taken) B0S0 is set to
+    the rounded B S: the delta B S - B0S0 is exactly 0 again at step 0. Runs before the optimizer has state, on the
+    same Parameter objects, so the optimizer keeps them."""
+    cast = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LowRankDeltaLayer):
+            continue
+        for container in module.adapter_layer_names:
+            for adapter, param in getattr(module, container).items():
+                if param.dtype != torch.float32:
+                    param.data = param.data.float()
+                    cast.append(f"{name}.{container}.{adapter}")
+        if cast and fresh and hasattr(module, "lamda_B0S0"):
+            with torch.no_grad():
+                for adapter in module.lamda_B0S0:
+                    module.lamda_B0S0[adapter].copy_(module.lamda_B[adapter] @ module.lamda_S[adapter])
+    if cast:
+        warnings.warn(f"{len(cast)} trainable LaMDA/LoRA-FA factors were not float32 (e.g. {cast[0]}); restored to "
+                      "float32 (lamda_peft keeps S and B in float32; TRL casts them to bf16 on a quantized base)")
 
 
 class LamdaCallback(TrainerCallback, ExportableState):
@@ -48,6 +75,7 @@ class LamdaCallback(TrainerCallback, ExportableState):
                 "LamdaCallback needs the number of training steps: set max_steps or num_train_epochs with a dataset "
                 "of known length in TrainingArguments"
             )
+        restore_float32_factors(model, fresh=state.global_step == 0)
         if self.freezer is not None:  # a second trainer.train(): start from this run's state
             self.freezer.detach()
         self.freezer = attach_freezing(model, optimizer, total_steps=state.max_steps, adapter_name=self.adapter_name,

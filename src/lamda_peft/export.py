@@ -5,6 +5,11 @@ Since A never changes, the learned update is already rank r (method.md 3.1):
     delta W = s (B S - B0S0) A   ->   lora_A = A,  lora_B = B S - B0S0,  lora_alpha / r = s
 
 so no rank doubling is needed (PiSSA's conversion doubles it because its A trains).
+
+The folder also follows vLLM's rules (lamda_peft.serving): one scaling ``lora_alpha / r`` for every module, with
+per-module scalings (alpha_pattern, or rank_pattern under a shared alpha) folded into ``lora_B``; ``r`` is the
+largest rank; bias none; no DoRA. Serve it with ``vllm serve BASE --enable-lora --lora-modules name=PATH
+--max-lora-rank R`` (R >= r, one of ``serving.MAX_LORA_RANKS``).
 """
 
 from __future__ import annotations
@@ -21,18 +26,23 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers.pytorch_utils import Conv1D
 
+from .serving import vllm_problems
 from .tuners.base_layer import LowRankDeltaLayer
 from .tuners.delta import low_rank_matrix
 
 PEFT_PREFIX = "base_model.model."
 
 
-def export_lora(model: torch.nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> Path:
+def export_lora(model: torch.nn.Module, path: str | os.PathLike, adapter_name: str = "default", *,
+                for_vllm: bool = False) -> Path:
     """Write adapter ``adapter_name`` of a lamda_peft ``PeftModel`` to ``path`` as a plain PEFT LoRA adapter.
 
     The result loads with stock ``PeftModel.from_pretrained(base, path)`` (no lamda_peft needed) on the unmodified
     base model and reproduces the adapted model's outputs. ``modules_to_save`` (e.g. a classifier head) are
     carried over. The folder is written under a temporary name and renamed, so a failure leaves nothing behind.
+
+    ``for_vllm=True`` refuses (ValueError, nothing written) an adapter that vLLM would not serve as trained, e.g. a
+    generation adapter with ``modules_to_save``; see ``lamda_peft.serving.vllm_problems``.
     """
     if adapter_name not in getattr(model, "peft_config", {}):
         raise ValueError(
@@ -50,20 +60,24 @@ def export_lora(model: torch.nn.Module, path: str | os.PathLike, adapter_name: s
     if any(adapter_name in module.merged_adapters for module in layers.values()):
         raise ValueError(f"adapter {adapter_name!r} is merged into the base weights; call model.unmerge_adapter() first")
 
+    # One scaling for all modules (vLLM's rule): s0 = lora_alpha / r of the config, r_export = the largest rank.
+    # A module with scaling s_l exports lora_B = (s_l / s0) M; a module of rank r_l < r_export gets rank_pattern r_l
+    # and alpha_pattern s0 r_l, so PEFT (alpha_l / r_l) and vLLM (lora_alpha / r, or per-module) all scale by s0.
+    s0 = config.lora_alpha / config.r
+    r_export = max(layer.r[adapter_name] for layer in layers.values())
     tensors: dict[str, torch.Tensor] = {}
     rank_pattern, alpha_pattern = {}, {}
     for name, layer in layers.items():
         A, B, S, B0S0 = layer._factors(adapter_name)
+        fold = layer.scaling[adapter_name] / s0
         with torch.no_grad():
+            M = low_rank_matrix(B, S, B0S0).detach().float()
             tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.detach().float().cpu().contiguous()
-            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = low_rank_matrix(B, S, B0S0).detach().float().cpu().contiguous()
-        key = f"^{re.escape(name)}$"
+            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (M if fold == 1.0 else M * fold).cpu().contiguous()
         r = layer.r[adapter_name]
-        if r != config.r:
-            rank_pattern[key] = r
-        alpha = layer.scaling[adapter_name] * r
-        if alpha != config.lora_alpha:
-            alpha_pattern[key] = alpha
+        if r != r_export:
+            key = f"^{re.escape(name)}$"
+            rank_pattern[key], alpha_pattern[key] = r, s0 * r
 
     # modules_to_save (heads) keep the key format PEFT uses for them, so take them from PEFT's own state dict
     own = {f"{PEFT_PREFIX}{name}." for name in layers}
@@ -71,9 +85,10 @@ def export_lora(model: torch.nn.Module, path: str | os.PathLike, adapter_name: s
         if not any(key.startswith(prefix) for prefix in own):
             tensors[key] = value.detach().cpu().contiguous()
 
+    alpha = s0 * r_export
     lora_config = LoraConfig(
-        r=config.r,
-        lora_alpha=config.lora_alpha,
+        r=r_export,
+        lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
         target_modules=sorted(layers),
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
@@ -83,6 +98,10 @@ def export_lora(model: torch.nn.Module, path: str | os.PathLike, adapter_name: s
         base_model_name_or_path=config.base_model_name_or_path,
         revision=config.revision,
     )
+    if for_vllm:
+        problems = vllm_problems(lora_config.to_dict())
+        if problems:
+            raise ValueError(f"adapter {adapter_name!r} cannot be served by vLLM as trained: " + "; ".join(problems))
     return write_adapter_atomically(path, lora_config, tensors)
 
 

@@ -3,7 +3,8 @@
 What a training step holds, in bytes (the "accounted" total, method.md section 4):
 
     saved       tensors autograd keeps for backward, each storage counted once, parameters and buffers excluded
-    parameters  every parameter of the model (frozen and trainable)
+    parameters  every parameter of the model (frozen and trainable; a bitsandbytes weight counts its packed bytes
+                and its quantization state)
     buffers     every buffer (LaMDA's frozen A and B0S0 live here)
     gradients   one tensor per trainable parameter
     optimizer   AdamW: exp_avg and exp_avg_sq per trainable parameter (+ a scalar step counter each)
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from .freezing import freeze_count
+from .tuners.quantized import quantization_state_bytes
 
 MB = 10**6
 
@@ -137,7 +139,7 @@ def measure_training_step(
         opt.zero_grad(set_to_none=True)
     return MemoryReport(
         saved_bytes=log.total_bytes,
-        parameter_bytes=_nbytes(params),
+        parameter_bytes=_nbytes(params) + quantization_state_bytes(model),  # a 4-bit weight: packed + state
         buffer_bytes=_nbytes(buffers),
         gradient_bytes=gradient_bytes,
         optimizer_state_bytes=state_bytes,

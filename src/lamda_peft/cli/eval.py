@@ -52,21 +52,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 # ------------------------------------------------------------------------------------------------------- helpers
 
 
-def load_base(path: str, task: str, num_labels: int = 2, dtype: torch.dtype = torch.float32):
-    """The base model and tokenizer for ``task``; a pad token is set where the tokenizer has none."""
+def load_base(path: str, task: str, num_labels: int = 2, dtype: torch.dtype = torch.float32, **load_kwargs):
+    """The base model and tokenizer for ``task``; a pad token is set where the tokenizer has none.
+    ``load_kwargs`` go to ``from_pretrained`` (e.g. ``quantization_config``)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **load_kwargs)
     else:
         problem = "regression" if task == "regression" else "single_label_classification"
         with _quiet_load_report():  # its "MISSING" lines for the new head alarm for nothing: one line below instead
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=1 if task == "regression" else num_labels, problem_type=problem, dtype=dtype,
-                output_loading_info=True)
+                output_loading_info=True, **load_kwargs)
         _explain_new_head(model, info)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -31,7 +31,8 @@ from .checkpoints import (
     PublishCheckpoints, check_interrupt, checkpoint_config, checkpoints, interrupted_message, make_workdir, publish,
     resolve_resume,
 )
-from .eval import RUN_FILE, evaluate, generation_report, load_base, print_metrics
+from . import quantized_base
+from .eval import RUN_FILE, evaluate, generation_report, load_base, print_metrics  # noqa: F401 (API)
 from .train_args import DEFAULT_LR, METHODS, check_args
 from .train_args import add_parser as _add_parser
 from .training import accounted_memory, lamda_callbacks, plot_losses, train_model, trainable  # noqa: F401 (API)
@@ -211,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("the BBC News demo is a classification task; pass --train-file for other tasks")
     peft_cfg = peft_config(args.method, args.r, args.lora_alpha, targets, spec.task, args.freeze_ratio)
     model_path = resolve_model_path(args.model)
-    config = run_config(args, spec, data_name)
+    config = {**run_config(args, spec, data_name), **quantized_base.check(args)}
     out = Path(args.output_dir or Path("runs") / f"{args.method.replace('+', 'p')}-{Path(args.model).name}-{data_name}")
     check_output_dir(out, config, args.overwrite)
     resume = resolve_resume(args.resume_from_checkpoint, out, config)
@@ -222,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     torch.manual_seed(args.seed)
     dtype = torch.bfloat16 if args.bf16 and peft_cfg is not None else torch.float32
-    model, tokenizer = load_base(model_path, spec.task, len(spec.classes or []) or 2, dtype=dtype)
+    model, tokenizer = quantized_base.load_base(args, model_path, spec.task, len(spec.classes or []) or 2, dtype=dtype)
     check_rank(model, peft_cfg, args.r)
     try:
         model = model if peft_cfg is None else get_peft_model(model, peft_cfg)

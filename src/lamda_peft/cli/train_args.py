@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import UsageError
+from . import UsageError, quantized_base
 from .training import LR_SCHEDULERS, REPORTERS, check_reporters
 
 METHODS = ("lamda", "lamda++", "lora-fa", "lora", "full")
@@ -39,6 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction, run) -> argparse.Argument
     m.add_argument("--lora-alpha", type=float, help="scaling numerator, s = alpha / r (default 2 r)")
     m.add_argument("--target-modules", nargs="+", default=["all-linear"], help="module names or 'all-linear'")
     m.add_argument("--freeze-ratio", type=float, help="LaMDA: fraction of steps over which B freezes (default 0.3)")
+    quantized_base.add_argument(m)
     t = p.add_argument_group("training")
     t.add_argument("--lr", type=float, help="learning rate (default 1e-3 for adapters, 5e-5 for full)")
     t.add_argument("--epochs", type=float, help="passes over the training data (default 1)")

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+
+from ..tuners.quantized import quantization_state_bytes
 from transformers.trainer_callback import ProgressCallback
 
 from . import UsageError
@@ -140,7 +142,7 @@ def trainable(model: torch.nn.Module) -> int:
 
 def accounted_memory(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict[str, int]:
     """Bytes of parameters, of gradients of the trainable ones and of the optimizer state (no activations)."""
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    params = sum(p.numel() * p.element_size() for p in model.parameters()) + quantization_state_bytes(model)
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     state = 0
     if optimizer is not None:

@@ -20,6 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
 from .delta import LowRankDelta, base_weight_shape, low_rank_matrix
+from .quantized import add_to_weight, factor_dtype
 
 # Fresh factors for one adapter: returns {container name: tensor} to copy into the placeholders.
 InitFn = Callable[[], dict[str, torch.Tensor]]
@@ -157,7 +158,7 @@ class LowRankDeltaLayer(nn.Module, BaseTunerLayer):
         for name in self.adapter_layer_names + self.other_param_names:
             container = getattr(self, name, None)
             if isinstance(container, (nn.ParameterDict, BufferDict)) and adapter_name in container:
-                dtype = weight.dtype if name in self.base_dtype_factor_names else torch.float32
+                dtype = factor_dtype(self.get_base_layer()) if name in self.base_dtype_factor_names else torch.float32
                 container[adapter_name] = container[adapter_name].to(device=device, dtype=dtype)
             elif isinstance(container, nn.ModuleDict) and adapter_name in container:
                 container[adapter_name].to(device)
@@ -199,10 +200,8 @@ class LowRankDeltaLayer(nn.Module, BaseTunerLayer):
             if adapter not in self.r:
                 continue
             with torch.no_grad():
-                merged = base.weight.float() + self.get_delta_weight(adapter)
-                if safe_merge and not torch.isfinite(merged).all():
-                    raise ValueError(f"merging adapter {adapter!r} would put NaN/Inf in the weights; not merged")
-                base.weight.copy_(merged.to(base.weight.dtype))
+                refuse = f"adapter {adapter!r}" if safe_merge else None  # safe_merge: NaN/Inf leaves W untouched
+                add_to_weight(base, self.get_delta_weight(adapter), refuse_nonfinite=refuse)
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
@@ -214,7 +213,7 @@ class LowRankDeltaLayer(nn.Module, BaseTunerLayer):
             adapter = self.merged_adapters.pop()
             if adapter in self.r:
                 with torch.no_grad():
-                    base.weight.copy_((base.weight.float() - self.get_delta_weight(adapter)).to(base.weight.dtype))
+                    add_to_weight(base, -self.get_delta_weight(adapter))
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .quantized import dense_weight
+
 
 def low_rank_matrix(B: torch.Tensor, S: Optional[torch.Tensor], B0S0: Optional[torch.Tensor]) -> torch.Tensor:
     """M = B S - B0S0 (d_out, r); exactly zero at init for every init of method.md 3.1."""
@@ -62,8 +64,9 @@ def base_weight_shape(base: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of a supported base layer."""
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features
-    if isinstance(base, Conv1D):  # GPT-2 style: weight is (d_in, d_out)
-        return base.weight.shape[0], base.weight.shape[1]
+    if isinstance(base, Conv1D):  # GPT-2 style: weight is (d_in, d_out); ZeRO-3 keeps the real shape in ds_shape
+        shape = getattr(base.weight, "ds_shape", base.weight.shape)
+        return shape[0], shape[1]
     raise TypeError(
         f"unsupported layer type {type(base).__name__}: lamda_peft adapts torch.nn.Linear and transformers' Conv1D; "
         "leave this module out of target_modules (or add it to exclude_modules)."
@@ -71,5 +74,5 @@ def base_weight_shape(base: nn.Module) -> tuple[int, int]:
 
 
 def weight_as_out_in(base: nn.Module) -> torch.Tensor:
-    """The base weight as (d_out, d_in), whatever the layer's storage convention."""
-    return base.weight.T if isinstance(base, Conv1D) else base.weight
+    """The base weight as (d_out, d_in), whatever the layer's storage convention (dequantized if bnb-quantized)."""
+    return dense_weight(base)

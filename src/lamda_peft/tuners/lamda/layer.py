@@ -19,8 +19,10 @@ import torch
 from torch import nn
 from peft.tuners._buffer_dict import BufferDict
 
+from ...integrations.deepspeed import broadcast_from_first_rank, is_zero3_param
 from ...spectral import TopSVD, kaiming_uniform_factor, spectral_factors, top_svd
 from ..base_layer import LowRankDeltaLayer
+from ..quantized import factor_dtype
 from ..delta import weight_as_out_in
 from .config import LamdaConfig
 
@@ -64,7 +66,7 @@ class LamdaLinear(LowRankDeltaLayer):
         self.scaling[adapter_name] = lora_alpha / r
         self.lamda_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         f32 = dict(device=weight.device, dtype=torch.float32)
-        self.lamda_A[adapter_name] = torch.zeros(r, d_in, device=weight.device, dtype=weight.dtype)
+        self.lamda_A[adapter_name] = torch.zeros(r, d_in, device=weight.device, dtype=factor_dtype(self.get_base_layer()))
         self.lamda_B0S0[adapter_name] = torch.zeros(d_out, r, **f32)
         self.lamda_S[adapter_name] = nn.Parameter(torch.zeros(r, r, **f32))
         self.lamda_B[adapter_name] = nn.Parameter(torch.zeros(d_out, r, **f32))
@@ -108,4 +110,7 @@ def initial_factors(base: nn.Module, config: LamdaConfig, r: int, scaling: float
         A, B = factors.A, factors.B0
         S = eye if config.init == "spectral" else torch.zeros(r, r)
         B0S0 = B @ S
-    return {"lamda_A": A, "lamda_B": B, "lamda_S": S, "lamda_B0S0": B0S0}
+    factors = {"lamda_A": A, "lamda_B": B, "lamda_S": S, "lamda_B0S0": B0S0}
+    if is_zero3_param(base.weight):  # ranks decomposed the same gathered weight; make them agree bit for bit
+        factors = broadcast_from_first_rank(factors)
+    return factors

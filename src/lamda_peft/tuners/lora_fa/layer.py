@@ -11,7 +11,7 @@ The same delta path as LaMDA with S = I and B0S0 = 0, so only ``x A^T`` (n, r) i
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from peft.tuners._buffer_dict import BufferDict
 
 from ...spectral import kaiming_uniform_factor
 from ..base_layer import LowRankDeltaLayer
+from ..quantized import factor_dtype
 from .config import LoraFAConfig
 
 
@@ -89,21 +90,27 @@ class LoraFALinear(LowRankDeltaLayer):
         self.scaling[adapter_name] = lora_alpha / r
         self.grad_correction[adapter_name] = config.grad_correction
         self.lorafa_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        self.lorafa_A[adapter_name] = torch.zeros(r, d_in, device=weight.device, dtype=weight.dtype)
+        self.lorafa_A[adapter_name] = torch.zeros(r, d_in, device=weight.device, dtype=factor_dtype(self.get_base_layer()))
         self.lorafa_B[adapter_name] = nn.Parameter(torch.zeros(d_out, r, device=weight.device, dtype=torch.float32))
         self._aat_pinv.pop(adapter_name, None)
-        init_fn = functools.partial(initial_factors, r, d_in, d_out)  # picklable, unlike a lambda
-        self._assign_factors(adapter_name, init_fn, defer=self._defer_until_weights(defer_init))
+        defer = self._defer_until_weights(defer_init)
+        # A deferred draw runs at first use, when the ranks of a data-parallel run may have used their global RNGs
+        # differently (data order, dropout): draw its seed now, while they agree, so every rank gets the same A.
+        seed = int(torch.randint(0, 2**62, (1,), device="cpu")) if defer else None
+        init_fn = functools.partial(initial_factors, r, d_in, d_out, seed)  # picklable, unlike a lambda
+        self._assign_factors(adapter_name, init_fn, defer=defer)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def __repr__(self) -> str:
         return "lorafa." + super().__repr__()
 
 
-def initial_factors(r: int, d_in: int, d_out: int) -> dict[str, torch.Tensor]:
+def initial_factors(r: int, d_in: int, d_out: int, seed: Optional[int] = None) -> dict[str, torch.Tensor]:
     """LoRA-FA's init: A Kaiming-uniform (PEFT LoRA's init of A), B = 0. Both are set, so a layer whose placeholders
-    hold garbage (a meta-device base after ``to_empty``) is fully initialised."""
-    return {"lorafa_A": kaiming_uniform_factor(r, d_in), "lorafa_B": torch.zeros(d_out, r)}
+    hold garbage (a meta-device base after ``to_empty``) is fully initialised. ``seed``: draw A from its own
+    generator (a deferred init) instead of the global RNG."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return {"lorafa_A": kaiming_uniform_factor(r, d_in, generator), "lorafa_B": torch.zeros(d_out, r)}
 
 
 # PEFT recognises an already-wrapped layer as linear (for "all-linear" on a second adapter) by the "Linear" in

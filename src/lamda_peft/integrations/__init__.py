@@ -1,0 +1,1 @@
+"""Glue to distributed and quantization back ends that stay optional dependencies."""
