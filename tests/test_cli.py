@@ -131,6 +131,8 @@ def test_bad_inputs_exit_2_and_write_nothing(sst2, glue_dir, tmp_path, capsys):
     bad(["train", *data, "--method", "dora"], capsys, "unknown --method 'dora'", "lamda, lamda++, lora-fa")
     bad(["train", *data, "--model", "./no-such-model"], capsys, "no such folder", "minilm, smollm2")
     bad(["train", *data, "--epochs", "1", "--max-steps", "2"], capsys, "not both")
+    bad(["train", *data, "--method", "lora", "--lr-S", "1e-2"], capsys, "--lr-S apply to --method lamda")
+    bad(["train", *data, "--lr-head", "-1"], capsys, "--lr-head must be a positive")
     bad(["train", "--validation-file", str(dev)], capsys, "needs --train-file")
     assert not out.exists()
 

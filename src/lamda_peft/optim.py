@@ -140,16 +140,31 @@ def add_lr_arguments(parser_group: Any) -> None:
                               help="learning rate of the head trained in full (default lr)")
 
 
+GROUPED_METHODS = ("lamda", "lamda++", "lora-fa")
+
+
+def given_lr_options(args: Any) -> dict[str, float]:
+    """The per-group learning rates given on the command line ({} when none: the run's config stays as before)."""
+    return {k: getattr(args, k) for k in ("lr_S", "lr_B", "lr_head") if getattr(args, k, None) is not None}
+
+
+def check_lr_options(args: Any) -> None:
+    """Reject per-group learning rates that the method would ignore, or that are not positive (before any work)."""
+    given = given_lr_options(args)
+    for name, value in given.items():
+        _check_lr("--" + name.replace("_", "-"), value)
+    if given and args.method not in GROUPED_METHODS:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ValueError(f"{flags} apply to --method lamda, lamda++ and lora-fa only (got --method {args.method})")
+    if args.method == "lora-fa" and "lr_S" in given:
+        raise ValueError("--lr-S applies to LaMDA only: LoRA-FA has no core S")
+
+
 def trainer_optimizers(model: nn.Module, args: Any) -> tuple[Optional[torch.optim.Optimizer], None]:
     """``Trainer(optimizers=...)`` for the CLI: AdamW over :func:`lamda_param_groups` for LaMDA, LaMDA++ and
     LoRA-FA; ``(None, None)`` (the Trainer's own AdamW) for the other methods, which reject the per-group options."""
-    given = {k: getattr(args, k, None) for k in ("lr_S", "lr_B", "lr_head")}
-    if args.method not in ("lamda", "lamda++", "lora-fa"):
-        if any(v is not None for v in given.values()):
-            flags = ", ".join("--" + k.replace("_", "-") for k, v in given.items() if v is not None)
-            raise ValueError(f"{flags} apply to --method lamda, lamda++ and lora-fa only (got --method {args.method})")
+    check_lr_options(args)
+    if args.method not in GROUPED_METHODS:
         return None, None
-    if args.method == "lora-fa" and given["lr_S"] is not None:
-        raise ValueError("--lr-S applies to LaMDA only: LoRA-FA has no core S")
-    groups = lamda_param_groups(model, args.lr, **given)
+    groups = lamda_param_groups(model, args.lr, **given_lr_options(args))
     return torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0), None

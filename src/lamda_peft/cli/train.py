@@ -27,6 +27,7 @@ from typing import Any, Optional
 import torch
 
 from ..data import BBC_NEWS, DataError, DataSpec, Table, bbc_news, infer_spec, read_table
+from ..optim import add_lr_arguments, check_lr_options, given_lr_options, trainer_optimizers
 from . import UsageError
 from .eval import RUN_FILE, evaluate, generation_report, load_base, print_metrics
 
@@ -61,6 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--freeze-ratio", type=float, help="LaMDA: fraction of steps over which B freezes (default 0.3)")
     t = p.add_argument_group("training")
     t.add_argument("--lr", type=float, help="learning rate (default 1e-3 for adapters, 5e-5 for full)")
+    add_lr_arguments(t)  # --lr-S, --lr-B, --lr-head (lamda_peft.optim)
     t.add_argument("--epochs", type=float, help="passes over the training data (default 1)")
     t.add_argument("--max-steps", type=int, help="optimizer steps (instead of --epochs)")
     t.add_argument("--batch-size", type=int, default=16)
@@ -123,7 +125,7 @@ def run_config(args: argparse.Namespace, spec: DataSpec, data_name: str) -> dict
         "dataset": data_name,
         "train_file": str(Path(args.train_file).resolve()) if args.train_file else None,
         "validation_file": str(Path(args.validation_file).resolve()) if args.validation_file else None,
-        "no_header": args.no_header, **dataclasses.asdict(spec),
+        "no_header": args.no_header, **dataclasses.asdict(spec), **given_lr_options(args),
     }
 
 
@@ -210,7 +212,8 @@ def train_model(model, tokenizer, spec: DataSpec, train_ds, eval_ds, args: argpa
         data_seed=args.seed, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=False,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      data_collator=collator_for(spec, tokenizer), callbacks=lamda_callbacks(args.method))
+                      data_collator=collator_for(spec, tokenizer), callbacks=lamda_callbacks(args.method),
+                      optimizers=trainer_optimizers(model, args))
     trainer.train()
     return trainer
 
@@ -265,6 +268,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("r", "batch_size", "max_length", "max_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    try:
+        check_lr_options(args)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     args.lora_alpha = args.lora_alpha or 2.0 * args.r
     args.lr = args.lr or DEFAULT_LR.get(args.method, 1e-3)
     targets = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
