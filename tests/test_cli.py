@@ -81,6 +81,14 @@ def test_regression_with_lora(glue_dir, minilm_path, tmp_path):
     assert run["config"]["task"] == "regression" and run["config"]["text_columns"] == ["sentence1", "sentence2"]
     assert set(run["validation"]) >= {"pearson", "spearman", "mse"}
     assert run["trainable_params"]["start"] == run["trainable_params"]["end"]  # LoRA trains A and B throughout
+    # the head's bias started at the training labels' mean (3 steps at lr 1e-3 move it by at most 3e-3)
+    from safetensors.torch import load_file
+
+    from lamda_peft.data import read_table
+
+    labels = [float(v) for v in read_table(train).column("score")]
+    bias = [v for k, v in load_file(out / "adapter_model.safetensors").items() if k.endswith("classifier.bias")]
+    assert len(bias) == 1 and abs(float(bias[0]) - sum(labels) / len(labels)) < 5e-3
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from typing import Any, Optional
 import torch
 
 from ..data import BBC_NEWS, DataError, DataSpec, Table, bbc_news, infer_spec, read_table
+from ..heads import add_regression_bias_argument, apply_regression_bias
 from ..optim import add_lr_arguments, check_lr_options, given_lr_options, trainer_optimizers
 from . import UsageError
 from .eval import RUN_FILE, evaluate, generation_report, load_base, print_metrics
@@ -53,6 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--task", help="classification, regression or causal-lm (default: inferred from the data)")
     d.add_argument("--prompt-column", help="causal-lm: prompt column (default: 'prompt' or 'question')")
     d.add_argument("--response-column", help="causal-lm: response column, the only tokens in the loss")
+    add_regression_bias_argument(d)  # lamda_peft.heads
     m = p.add_argument_group("model and method")
     m.add_argument("--model", default="minilm", help="alias (minilm, smollm2), local folder or Hub id")
     m.add_argument("--method", default="lamda", help=f"one of {', '.join(METHODS)} (default lamda)")
@@ -126,6 +128,7 @@ def run_config(args: argparse.Namespace, spec: DataSpec, data_name: str) -> dict
         "train_file": str(Path(args.train_file).resolve()) if args.train_file else None,
         "validation_file": str(Path(args.validation_file).resolve()) if args.validation_file else None,
         "no_header": args.no_header, **dataclasses.asdict(spec), **given_lr_options(args),
+        **({"regression_bias": args.regression_bias} if args.regression_bias else {}),
     }
 
 
@@ -295,6 +298,12 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     torch.manual_seed(args.seed)
     model, tokenizer = load_base(model_path, spec.task, len(spec.classes or []) or 2)
+    try:
+        note = apply_regression_bias(model, spec.task, train_table.column(spec.label_column), args.regression_bias)
+    except ValueError as err:  # e.g. --regression-bias on a classification task, or a head without bias
+        raise UsageError(str(err)) from None
+    if note:
+        print(note)
     try:
         model = model if peft_cfg is None else get_peft_model(model, peft_cfg)
     except ValueError as err:  # e.g. target modules that do not exist in this model
