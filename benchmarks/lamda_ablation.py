@@ -4,7 +4,8 @@ Same data as ``benchmarks/glue.py`` (a seeded 2,000-row training sample, 300 hel
 64 tokens, batch 16, AdamW with linear decay; every run is one *cell*: a method and its settings, a number of steps
 and a seed. The knobs (each defaults to the committed LaMDA/CLI setting):
 
-    lr, lr_S, lr_B, lr_head   per-group learning rates (lamda_peft.optim.lamda_param_groups); None = lr
+    lr, lr_S, lr_B, lr_head   per-group learning rates (lamda_peft.optim.lamda_param_groups); None = lr (not the
+                              library's default multipliers: the ablation's reference is one lr for everything)
     freeze_ratio              fraction of the steps over which B freezes (1.0: B trains to the end)
     warmup                    warmup fraction of the steps (the CLI uses 0.06)
     alpha                     lora_alpha (s = alpha / r; the CLI uses 2 r); "rs" prefix: rsLoRA, alpha * sqrt(r)
@@ -65,22 +66,18 @@ def _grid(steps: tuple[int, ...], seeds: tuple[int, ...], variants: list[dict]) 
 
 
 # Plans, in the order they were run. Each variant is a dict of knobs that differ from DEFAULTS.
+RULE = dict(lr_S=1e-2, lr_B=3e-4)  # the "matched step" rule at lr 1e-3: lr_S = 10 lr, lr_B = lr / 3 (see step sizes)
 PLANS: dict[str, list[dict]] = {
-    # 1. where the gap comes from, one knob at a time (seed 0, 100 steps; most informative first, because on the
-    #    shared 2-core machine a 100-step run took ~20 minutes). LoRA / LoRA-FA baselines: glue_budget_runs.jsonl.
-    "diagnose": _grid((100,), (0,), [
-        dict(), dict(lr_S=1e-2), dict(lr_head=1e-2), dict(lr_S=1e-2, lr_head=1e-2), dict(lr_S=3e-2),
-        dict(lr=3e-3, lr_S=3e-2),
-    ]),
-    # 2. the rest of the knobs (warmup, scaling, S's init, subspace, schedule) with the lr rule that won in 1
-    "knobs": _grid((100,), (0,), [
-        dict(lr_S=1e-2, freeze_ratio=1.0), dict(lr_S=1e-2, warmup=0.0), dict(lr_S=1e-2, alpha="rs16"),
-        dict(lr_S=1e-2, init="spectral_zero"), dict(lr_S=1e-2, subspace="minor"), dict(lr=3e-4, lr_S=3e-3),
-        dict(method="lora"), dict(method="lora-fa", lr=3e-3),
-    ]),
-    # 3. the longer budget and more seeds for the decisive cells
-    "confirm": _grid((400,), (0,), [dict(), dict(lr_S=1e-2), dict(method="lora")])
-    + _grid((100,), (1, 2), [dict(lr_S=1e-2), dict(), dict(method="lora")]),
+    # 1. where the gap comes from (seed 0, 100 steps). LoRA / LoRA-FA baselines: glue_budget_runs.jsonl (same split).
+    "diagnose": _grid((100,), (0,), [dict(), dict(lr_S=1e-2)]),
+    # 2. the lr rule suggested by --step-sizes, the head, and the 10x lr range; then the other knobs with the rule.
+    #    Two lists, one per process (on the shared 2-core machine a 100-step run took ~12-15 minutes).
+    "rule_a": _grid((100,), (0,), [RULE, dict(lr_head=1e-2), dict(lr=3e-4, lr_S=3e-3, lr_B=1e-4),
+                                   dict(RULE, freeze_ratio=1.0), dict(RULE, alpha="rs16"), dict(RULE, warmup=0.0),
+                                   dict(RULE, init="spectral_zero"), dict(RULE, subspace="minor")])
+    + _grid((100,), (1,), [RULE, dict()]),
+    "rule_b": _grid((400,), (0,), [RULE]) + _grid((100,), (0,), [dict(lr=3e-3, lr_S=3e-2, lr_B=1e-3)])
+    + _grid((100,), (1, 2), [RULE]) + _grid((400,), (0,), [dict(method="lora")]),
 }
 
 
@@ -136,7 +133,8 @@ def one_run(c: dict, data) -> dict:
     model = get_peft_model(model, _lamda_config(c, TaskType.SEQ_CLS))
     if c["subspace"] == "minor":
         _use_minor_subspace(model)
-    groups = lamda_param_groups(model, c["lr"], lr_S=c["lr_S"], lr_B=c["lr_B"], lr_head=c["lr_head"])
+    # None = lr: the ablation's baseline is one lr for everything (the library's default multipliers may differ)
+    groups = lamda_param_groups(model, c["lr"], **{k: c[k] or c["lr"] for k in ("lr_S", "lr_B", "lr_head")})
     optimizer = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=0.0)
     steps = c["steps"]
     args = TrainingArguments(
@@ -153,6 +151,69 @@ def one_run(c: dict, data) -> dict:
     return {**c, "groups": describe_groups(groups), "train_seconds": round(time.time() - began, 1),
             "train_loss": losses,
             "dev": evaluate(model, tokenizer, spec, spec.encode(dev, tokenizer), 64)}
+
+
+# ------------------------------------------------------------------------------------------------ step sizes
+
+
+def _kind(name: str) -> str:
+    for part, kind in (("pooler", "pooler"), ("query", "attention q/k/v"), ("key", "attention q/k/v"),
+                       ("value", "attention q/k/v"), ("attention.output", "attention out"),
+                       ("intermediate", "FFN in"), ("output.dense", "FFN out")):
+        if part in name:
+            return kind
+    return "other"
+
+
+@torch.no_grad()
+def _delta_weights(model) -> dict[str, torch.Tensor]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {n: m.get_delta_weight("default").detach().clone() for n, m in model.named_modules()
+            if isinstance(m, BaseTunerLayer) and hasattr(m, "get_delta_weight") and "default" in getattr(m, "r", {})}
+
+
+def step_sizes(lr: float = 1e-3) -> dict:
+    """What one Adam step of size ``lr`` (its first step is lr * sign(grad)) does, per role and per module kind:
+    ||Delta W||_F / ||W0||_F, and the change of the pooled [CLS] output relative to its spread over the batch."""
+    from peft import TaskType, get_peft_model
+
+    from lamda_peft.optim import parameter_roles
+
+    train, _, _ = split("SST-2", 2000, 300)
+    spec = infer_spec(train, train, **TASKS["SST-2"][1], max_length=64)
+    result = {}
+    for method in ("lora", "lora-fa", "lamda"):
+        torch.manual_seed(0)
+        model, tokenizer = load_base(minilm_path(), spec.task, 2)
+        model = get_peft_model(model, _lamda_config(cell(method=method), TaskType.SEQ_CLS)).eval()
+        batch = collator_for(spec, tokenizer)([spec.encode(train, tokenizer)[i] for i in range(32)])
+        pooled = lambda: model.base_model.model.bert(**{k: v for k, v in batch.items() if k != "labels"}).pooler_output
+        model(**batch).loss.backward()
+        base_norm = {n: float(m.get_base_layer().weight.norm()) for n, m in model.named_modules() if hasattr(m, "get_base_layer") and n in _delta_weights(model)}
+        before, pooled0 = _delta_weights(model), pooled().detach()
+        spread = float(pooled0.std(0).norm())
+        roles = parameter_roles(model)
+        for role in ("lamda_S", "lamda_B", "lorafa_B", "adapter"):
+            params = [p for p in model.parameters() if roles.get(id(p)) == role and p.grad is not None]
+            if not params:
+                continue
+            saved = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p in params:
+                    p.add_(-lr * torch.sign(p.grad))
+            after, pooled1 = _delta_weights(model), pooled().detach()
+            by_kind: dict[str, list[float]] = {}
+            for n in before:
+                by_kind.setdefault(_kind(n), []).append(float((after[n] - before[n]).norm()) / base_norm[n])
+            result[f"{method} {role}"] = {
+                "relative_dW_median_by_kind": {k: float(np.median(v)) for k, v in sorted(by_kind.items())},
+                "pooled_change_over_spread": float((pooled1 - pooled0).norm(dim=1).mean()) / spread}
+            with torch.no_grad():
+                for p, v in zip(params, saved):
+                    p.copy_(v)
+    (RESULTS / "lamda_ablation_step_sizes.json").write_text(json.dumps({"lr": lr, "steps": result}, indent=2) + "\n")
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ log and report
@@ -221,7 +282,11 @@ def main() -> None:
     p.add_argument("--plan", nargs="+", default=[], choices=list(PLANS))
     p.add_argument("--shard", default="1/1", help="i/n: run every n-th cell starting at the i-th (two processes)")
     p.add_argument("--report", action="store_true", help="only rebuild the table and plot from the log")
+    p.add_argument("--step-sizes", action="store_true", help="only measure one Adam step per role (seconds)")
     opts = p.parse_args()
+    if opts.step_sizes:
+        print(json.dumps(step_sizes(), indent=1))
+        return
     i, n = (int(x) for x in opts.shard.split("/"))
     if not opts.report:
         data = split("SST-2", 2000, 300)

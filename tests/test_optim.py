@@ -11,7 +11,7 @@ from peft import LoraConfig, TaskType, get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
 from lamda_peft import LamdaConfig, LamdaLayer, LoraFAConfig, LoraFALayer, attach_freezing
-from lamda_peft.optim import LAMDA_LR_S_MULTIPLIER, add_lr_arguments, lamda_param_groups, trainer_optimizers
+from lamda_peft.optim import LAMDA_LR_B_MULTIPLIER, LAMDA_LR_S_MULTIPLIER, add_lr_arguments, lamda_param_groups, trainer_optimizers
 
 TARGETS = ["query", "value", "dense"]
 
@@ -48,12 +48,12 @@ def groups_by_role(groups):
 def test_lamda_groups_are_the_registered_containers():
     model = tiny_classifier(lamda())
     groups = groups_by_role(lamda_param_groups(model, lr=1e-3, lr_S=5e-3, lr_B=2e-4, lr_head=3e-3, weight_decay=0.1))
-    assert list(groups) == ["S", "B", "head"]
-    assert {id(p) for p in groups["S"]["params"]} == container_ids(model, LamdaLayer, "lamda_S")
-    assert {id(p) for p in groups["B"]["params"]} == container_ids(model, LamdaLayer, "lamda_B")
+    assert list(groups) == ["lamda_S", "lamda_B", "head"]
+    assert {id(p) for p in groups["lamda_S"]["params"]} == container_ids(model, LamdaLayer, "lamda_S")
+    assert {id(p) for p in groups["lamda_B"]["params"]} == container_ids(model, LamdaLayer, "lamda_B")
     assert {id(p) for p in groups["head"]["params"]} == head_ids(model)
-    assert len(groups["S"]["params"]) == 11  # 2 layers x (query, value, 3 dense) + the pooler
-    assert [groups[k]["lr"] for k in ("S", "B", "head")] == [5e-3, 2e-4, 3e-3]
+    assert len(groups["lamda_S"]["params"]) == 11  # 2 layers x (query, value, 3 dense) + the pooler
+    assert [groups[k]["lr"] for k in ("lamda_S", "lamda_B", "head")] == [5e-3, 2e-4, 3e-3]
     assert all(g["weight_decay"] == 0.1 for g in groups.values())
     # every trainable parameter is in exactly one group
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -64,15 +64,17 @@ def test_lamda_groups_are_the_registered_containers():
 def test_defaults_follow_lr():
     model = tiny_classifier(lamda())
     groups = groups_by_role(lamda_param_groups(model, lr=2e-3))
-    assert groups["S"]["lr"] == pytest.approx(2e-3 * LAMDA_LR_S_MULTIPLIER)
-    assert groups["B"]["lr"] == groups["head"]["lr"] == 2e-3
+    assert groups["lamda_S"]["lr"] == pytest.approx(2e-3 * LAMDA_LR_S_MULTIPLIER)
+    assert groups["lamda_B"]["lr"] == pytest.approx(2e-3 * LAMDA_LR_B_MULTIPLIER)
+    assert groups["head"]["lr"] == 2e-3
 
 
 def test_lora_fa_and_plain_lora():
     fa = tiny_classifier(LoraFAConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type=TaskType.SEQ_CLS))
+    assert groups_by_role(lamda_param_groups(fa, lr=1e-3))["lorafa_B"]["lr"] == 1e-3  # LaMDA's multiplier: not here
     groups = groups_by_role(lamda_param_groups(fa, lr=1e-3, lr_B=4e-3))
-    assert list(groups) == ["B", "head"] and groups["B"]["lr"] == 4e-3
-    assert {id(p) for p in groups["B"]["params"]} == container_ids(fa, LoraFALayer, "lorafa_B")
+    assert list(groups) == ["lorafa_B", "head"] and groups["lorafa_B"]["lr"] == 4e-3
+    assert {id(p) for p in groups["lorafa_B"]["params"]} == container_ids(fa, LoraFALayer, "lorafa_B")
     lora = tiny_classifier(LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type=TaskType.SEQ_CLS))
     groups = groups_by_role(lamda_param_groups(lora, lr=1e-3, lr_head=1e-2))
     assert list(groups) == ["head", "adapter"] and groups["head"]["lr"] == 1e-2
@@ -119,7 +121,7 @@ def test_each_group_steps_with_its_own_lr_and_freezing_releases_b():
     for step in range(3):
         one_adam_step_sizes(model, optimizer, batch(seed=2 + step))
     assert freezer.released
-    B_group = groups_by_role(optimizer.param_groups)["B"]
+    B_group = groups_by_role(optimizer.param_groups)["lamda_B"]
     assert all(not p.requires_grad and p not in optimizer.state for p in B_group["params"])  # idle, state dropped
     B_before = [p.detach().clone() for p in B_group["params"]]
     sizes = one_adam_step_sizes(model, optimizer, batch(seed=9))  # the idle group is no error; S still trains
@@ -143,7 +145,7 @@ def test_trainer_uses_the_groups(tmp_path, how):
     rows = [{"input_ids": data["input_ids"][i], "labels": data["labels"][i]} for i in range(16)]
     trainer = Trainer(model=model, args=args, train_dataset=rows, **kw)
     trainer.train()
-    assert {g["role"]: g["lr"] for g in trainer.optimizer.param_groups} == {"S": 1e-2, "B": 1e-3, "head": 5e-3}
+    assert {g["role"]: g["lr"] for g in trainer.optimizer.param_groups} == {"lamda_S": 1e-2, "lamda_B": 1e-3 * LAMDA_LR_B_MULTIPLIER, "head": 5e-3}
     assert max(float((p.detach() - b).abs().max()) for p, b in zip(S, before_S)) == pytest.approx(1e-2, rel=1e-3)
     assert max(float((p.detach() - b).abs().max()) for p, b in zip(head, before_head)) == pytest.approx(5e-3, rel=1e-3)
 
@@ -156,7 +158,7 @@ def test_cli_options():
     args.method, args.lr = "lamda", 1e-3
     optimizer, scheduler = trainer_optimizers(model, args)
     assert scheduler is None
-    assert {g["role"]: g["lr"] for g in optimizer.param_groups} == {"S": 2e-2, "B": 1e-3, "head": 4e-3}
+    assert {g["role"]: g["lr"] for g in optimizer.param_groups} == {"lamda_S": 2e-2, "lamda_B": 1e-3 * LAMDA_LR_B_MULTIPLIER, "head": 4e-3}
     args.method = "lora"
     with pytest.raises(ValueError, match="--lr-S, --lr-head apply to --method lamda"):
         trainer_optimizers(model, args)

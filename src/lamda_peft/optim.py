@@ -6,11 +6,12 @@ by about ``lr`` per step whatever its gradient's scale, so one learning rate for
 neutral default. This module builds the groups from the layers' *registered containers*, never from parameter
 names:
 
-    role      containers                                     learning rate
-    "S"       LamdaLayer.lamda_S                             lr_S    (default: lr * LAMDA_LR_S_MULTIPLIER)
-    "B"       LamdaLayer.lamda_B, LoraFALayer.lorafa_B       lr_B    (default: lr)
-    "head"    PEFT's ModulesToSaveWrapper.modules_to_save    lr_head (default: lr)
-    "adapter" every other PEFT tuner layer's adapter_layer_names (e.g. LoRA's lora_A, lora_B)   lr
+    role        container                                      learning rate
+    "lamda_S"   LamdaLayer.lamda_S                             lr_S    (default: lr * LAMDA_LR_S_MULTIPLIER)
+    "lamda_B"   LamdaLayer.lamda_B                             lr_B    (default: lr * LAMDA_LR_B_MULTIPLIER)
+    "lorafa_B"  LoraFALayer.lorafa_B                           lr_B    (default: lr)
+    "head"      PEFT's ModulesToSaveWrapper.modules_to_save    lr_head (default: lr)
+    "adapter"   every other PEFT tuner layer's adapter_layer_names (e.g. LoRA's lora_A, lora_B)   lr
 
 Usage, with a plain loop:
 
@@ -25,8 +26,8 @@ with the transformers Trainer (its scheduler scales every group's lr by the same
     # or: Trainer(..., optimizer_cls_and_kwargs=(torch.optim.AdamW, {"params": groups}))
 
 Freezing (``lamda_peft.freezing``) releases a fully frozen B: its ``requires_grad`` turns off and its optimizer state
-is dropped, but it stays in its group, where torch optimizers skip a parameter without a gradient. A "B" group whose
-every B is released is therefore idle, not an error.
+is dropped, but it stays in its group, where torch optimizers skip a parameter without a gradient. A "lamda_B" group
+whose every B is released is therefore idle, not an error.
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
-#: lr_S = lr * this when lr_S is not given (see docs/learning_rates.md for the ablation behind it)
+#: lr_S = lr * this and LaMDA's lr_B = lr * that when not given (docs/learning_rates.md: the ablation behind them)
 LAMDA_LR_S_MULTIPLIER = 1.0
+LAMDA_LR_B_MULTIPLIER = 1.0
 #: the role of each registered container; containers of other tuner layers get the role "adapter"
-CONTAINER_ROLES = {"lamda_S": "S", "lamda_B": "B", "lorafa_B": "B", "modules_to_save": "head"}
-ROLES = ("S", "B", "head", "adapter")
+CONTAINER_ROLES = {"lamda_S": "lamda_S", "lamda_B": "lamda_B", "lorafa_B": "lorafa_B", "modules_to_save": "head"}
+ROLES = ("lamda_S", "lamda_B", "lorafa_B", "head", "adapter")
 
 
 def _container_params(container: Any) -> Iterable[nn.Parameter]:
@@ -84,21 +86,24 @@ def lamda_param_groups(model: nn.Module, lr: float, *, lr_S: Optional[float] = N
         model: a PEFT model (LaMDA, LaMDA++, LoRA-FA, or any PEFT tuner; ``modules_to_save`` heads).
         lr: the base learning rate (LoRA's B/A, and the default of the others).
         lr_S: LaMDA's core S (r x r); default ``lr * LAMDA_LR_S_MULTIPLIER``.
-        lr_B: LaMDA's and LoRA-FA's B (d_out x r); default ``lr``.
+        lr_B: LaMDA's and LoRA-FA's B (d_out x r); default ``lr * LAMDA_LR_B_MULTIPLIER`` for LaMDA, ``lr`` for
+            LoRA-FA.
         lr_head: the modules trained in full (``modules_to_save``, e.g. a classification head); default ``lr``.
         weight_decay: the same decoupled weight decay for every group (frozen B columns are immune: freezing.py
             restores them after each step).
 
     Returns a list of ``{"params": [...], "lr": float, "weight_decay": float, "role": str}`` (roles in the order
-    S, B, head, adapter; a role without trainable parameters is left out). Only parameters with
+    of ``ROLES``; a role without trainable parameters is left out). Only parameters with
     ``requires_grad=True`` are included, each once.
 
     Raises ValueError on a trainable parameter that belongs to none of the registered containers (e.g. a base weight
     unfrozen by hand): it would otherwise be trained at an unintended rate or silently not at all.
     """
-    lrs = {"S": lr_S if lr_S is not None else _check_lr("lr", lr) * LAMDA_LR_S_MULTIPLIER,
-           "B": lr_B if lr_B is not None else lr, "head": lr_head if lr_head is not None else lr, "adapter": lr}
-    lrs = {role: _check_lr("lr" if role == "adapter" else f"lr_{role}", value) for role, value in lrs.items()}
+    base = _check_lr("lr", lr)
+    lrs = {"lamda_S": _check_lr("lr_S", lr_S) if lr_S is not None else base * LAMDA_LR_S_MULTIPLIER,
+           "lamda_B": _check_lr("lr_B", lr_B) if lr_B is not None else base * LAMDA_LR_B_MULTIPLIER,
+           "lorafa_B": _check_lr("lr_B", lr_B) if lr_B is not None else base,
+           "head": _check_lr("lr_head", lr_head) if lr_head is not None else base, "adapter": base}
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
         raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
     roles = parameter_roles(model)
