@@ -76,8 +76,8 @@ PLANS: dict[str, list[dict]] = {
                                    dict(RULE, freeze_ratio=1.0), dict(RULE, alpha="rs16"), dict(RULE, warmup=0.0),
                                    dict(RULE, init="spectral_zero"), dict(RULE, subspace="minor")])
     + _grid((100,), (1,), [RULE, dict()]),
-    "rule_b": _grid((400,), (0,), [RULE]) + _grid((100,), (0,), [dict(lr=3e-3, lr_S=3e-2, lr_B=1e-3)])
-    + _grid((100,), (1, 2), [RULE]) + _grid((400,), (0,), [dict(method="lora")]),
+    "rule_b": _grid((100,), (0,), [dict(lr=3e-3, lr_S=3e-2, lr_B=1e-3)]) + _grid((100,), (1, 2), [RULE])
+    + _grid((400,), (0,), [RULE, dict(method="lora")]),
 }
 
 
