@@ -72,7 +72,8 @@ PLANS: dict[str, list[dict]] = {
     "diagnose": _grid((100,), (0,), [dict(), dict(lr_S=1e-2)]),
     # 2. the lr rule suggested by --step-sizes, the head, and the 10x lr range; then the other knobs with the rule.
     #    Two lists, one per process (on the shared 2-core machine a 100-step run took ~12-15 minutes).
-    "rule_a": _grid((100,), (0,), [RULE, dict(lr_head=1e-2), dict(lr=3e-4, lr_S=3e-3, lr_B=1e-4),
+    "rule_a": _grid((100,), (0,), [RULE, dict(lr_S=1e-2, lr_head=1e-2), dict(lr_head=1e-2),
+                                   dict(lr=3e-4, lr_S=3e-3, lr_B=1e-4),
                                    dict(RULE, freeze_ratio=1.0), dict(RULE, alpha="rs16"), dict(RULE, warmup=0.0),
                                    dict(RULE, init="spectral_zero"), dict(RULE, subspace="minor")])
     + _grid((100,), (1,), [RULE, dict()]),
