@@ -81,6 +81,9 @@ PLANS: dict[str, list[dict]] = {
     + _grid((400,), (0,), [RULE, dict(method="lora")]),
     # 3. the new default (lr_S = 10 lr, B and head at lr): a second seed, and the bottom of the 10x lr range
     "default_b": _grid((100,), (1,), [dict(lr_S=1e-2)]) + _grid((100,), (0,), [dict(lr=3e-4, lr_S=3e-3)]),
+    "default_a": _grid((100,), (0,), [dict(lr=3e-4, lr_S=3e-3)]),
+    "default_c": _grid((100,), (2,), [dict(lr_S=1e-2)]) + _grid((100,), (0, 1, 2), [dict(method="lora")])
+    + _grid((400,), (0,), [dict(lr_S=1e-2)]),
 }
 
 
