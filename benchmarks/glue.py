@@ -9,6 +9,8 @@ on dev.
     python benchmarks/glue.py --select-size 500 --steps 500 --max-length 128 --label long   # 5x the budget
     python benchmarks/glue.py --tasks SST-2 RTE --train-size 256 --select-size 128 --steps 25 --seeds 0 \
         --adapter-lrs 1e-3 --full-lrs 5e-5 --label reduced     # a smoke run (minutes)
+    python benchmarks/glue.py --preset separating     # the rebuilt run (docs/results/glue.md): 400 steps, 128 tokens,
+                                                     # widened lr grids, regression head at the label mean
 
 Each finished run is appended to docs/results/glue_<label>_runs.jsonl, and a rerun skips runs already there, so an
 interrupted benchmark resumes (and several processes, each with its own --tasks, can share one label). The table
