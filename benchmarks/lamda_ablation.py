@@ -82,6 +82,8 @@ PLANS: dict[str, list[dict]] = {
     # 3. the new default (lr_S = 10 lr, B and head at lr): a second seed, and the bottom of the 10x lr range
     "default_b": _grid((100,), (1,), [dict(lr_S=1e-2)]) + _grid((100,), (0,), [dict(lr=3e-4, lr_S=3e-3)]),
     "default_a": _grid((100,), (0,), [dict(lr=3e-4, lr_S=3e-3)]),
+    # 4. is the bottom of the 10x range (lr 3e-4) too slow for every method at 100 steps, or for LaMDA only?
+    "range": _grid((100,), (0,), [dict(method="lora", lr=3e-4), dict(method="lora-fa", lr=3e-4)]),
     "default_c": _grid((100,), (1,), [dict()]) + _grid((100,), (2,), [dict(lr_S=1e-2)])
     + _grid((100,), (0, 1, 2), [dict(method="lora")])
     + _grid((400,), (0,), [dict(lr_S=1e-2)]),
