@@ -241,7 +241,9 @@ def append(run: dict) -> None:
 
 def label(c: dict) -> str:
     diff = [f"{k}={c[k]}" for k in DEFAULTS if k not in ("steps", "seed", "method") and c[k] != DEFAULTS[k]]
-    return c["method"] + (" " + ", ".join(diff) if diff else " (one lr 1e-3 for all: the pre-issue default)")
+    if diff:
+        return c["method"] + " " + ", ".join(diff)
+    return c["method"] + (" (one lr 1e-3 for all: the pre-issue default)" if c["method"].startswith("lamda") else " lr=0.001")
 
 
 def report(runs: list[dict]) -> str:
