@@ -9,6 +9,8 @@ on dev.
     python benchmarks/glue.py --select-size 500 --steps 500 --max-length 128 --label long   # 5x the budget
     python benchmarks/glue.py --tasks SST-2 RTE --train-size 256 --select-size 128 --steps 25 --seeds 0 \
         --adapter-lrs 1e-3 --full-lrs 5e-5 --label reduced     # a smoke run (minutes)
+    python benchmarks/glue.py --preset separating     # the rebuilt run (docs/results/glue.md): 400 steps, 128 tokens,
+                                                     # widened lr grids, regression head at the label mean
 
 Each finished run is appended to docs/results/glue_<label>_runs.jsonl, and a rerun skips runs already there, so an
 interrupted benchmark resumes (and several processes, each with its own --tasks, can share one label). The table
@@ -33,6 +35,7 @@ import lamda_peft  # noqa: F401  (registers the methods with PEFT)
 from lamda_peft.cli.eval import evaluate, load_base
 from lamda_peft.cli.train import peft_config, train_model, trainable, versions
 from lamda_peft.data import Table, infer_spec, read_table
+from lamda_peft.heads import apply_regression_bias
 from lamda_peft.models import minilm_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,8 +74,10 @@ def score(task: str, metrics: dict) -> float:
 def one_run(task: str, method: str, lr: float, seed: int, data, opts) -> dict:
     train, select, dev = data
     spec = infer_spec(train, dev, **TASKS[task][1], max_length=opts.max_length)
+    torch.manual_seed(seed)  # the head's init too
     model, tokenizer = load_base(minilm_path(), spec.task, len(spec.classes or []) or 2)
-    torch.manual_seed(seed)
+    if opts.regression_bias == "label-mean":  # the STS-B collapse fix, for every method alike (lamda_peft.heads)
+        apply_regression_bias(model, spec.task, train.column(spec.label_column), "label-mean")
     cfg = peft_config(method, opts.r, 2.0 * opts.r, "all-linear", spec.task, None)
     from peft import get_peft_model
 
@@ -90,14 +95,38 @@ def one_run(task: str, method: str, lr: float, seed: int, data, opts) -> dict:
     }
 
 
-def lr_grid(method: str, opts) -> list[float]:
-    return opts.full_lrs if method == "full" else opts.adapter_lrs
+# With --widen, a method whose chosen lr sits at an edge of its grid gets the next rung of its ladder on that side,
+# until the choice is interior (or the ladder ends): no method's best is cut off by the grid.
+ADAPTER_LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+FULL_LADDER = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4)
+
+
+def lr_grid(method: str, opts, runs: list[dict] | None = None, task: str | None = None) -> list[float]:
+    """The method's grid, plus (with --widen) the ladder rungs already added for ``task`` in the log."""
+    grid = list(opts.full_lrs if method == "full" else opts.adapter_lrs)
+    if getattr(opts, "widen", False) and runs is not None:
+        ladder = FULL_LADDER if method == "full" else ADAPTER_LADDER
+        grid += sorted({r["lr"] for r in runs if r["task"] == task and r["method"] == method
+                        and r["seed"] == opts.seeds[0] and r["lr"] in ladder} - set(grid))
+    return sorted(grid)
+
+
+def next_rung(runs: list[dict], task: str, method: str, opts) -> float | None:
+    """The ladder rung beyond the chosen lr when that lr is at an edge of the (widened) grid, else None."""
+    grid = lr_grid(method, opts, runs, task)
+    lr = chosen_lr(runs, task, method, opts)
+    ladder = list(FULL_LADDER if method == "full" else ADAPTER_LADDER)
+    if lr is None or lr not in ladder or lr not in (grid[0], grid[-1]) or len(grid) == 1:
+        return None
+    i = ladder.index(lr) + (-1 if lr == grid[0] else 1)
+    return ladder[i] if 0 <= i < len(ladder) and ladder[i] not in grid else None
 
 
 def chosen_lr(runs: list[dict], task: str, method: str, opts) -> float | None:
     """The lr of the method's grid with the best held-out score at the first seed (None before any such run)."""
+    grid = lr_grid(method, opts, runs, task)
     tried = [r for r in runs if r["task"] == task and r["method"] == method and r["seed"] == opts.seeds[0]
-             and r["lr"] in lr_grid(method, opts)]
+             and r["lr"] in grid]
     return max(tried, key=lambda r: score(task, r["select"]))["lr"] if tried else None
 
 
@@ -114,9 +143,26 @@ def summarize(runs: list[dict], opts) -> tuple[list[dict], dict]:
             dev = [score(task, r["dev"]) for r in final]
             rows.append({"task": task, "method": method, "lr": lr, "seeds": len(final), "dev_mean": float(np.mean(dev)),
                          "dev_std": float(np.std(dev)), "trainable_start": final[0]["trainable_start"],
-                         "trainable_end": final[0]["trainable_end"]})
+                         "trainable_end": final[0]["trainable_end"],
+                         "dev_by_seed": {r["seed"]: score(task, r["dev"]) for r in final}})
             best[(task, method)] = rows[-1]
+    for row in rows:  # paired with LoRA: the same seed (same data order and head init), each at its chosen lr
+        lora = best.get((row["task"], "lora"))
+        diffs = [] if lora is None else [v - lora["dev_by_seed"][k] for k, v in row["dev_by_seed"].items()
+                                         if k in lora["dev_by_seed"]]
+        row["diff_to_lora"] = {"mean": float(np.mean(diffs)), "std": float(np.std(diffs)), "seeds": len(diffs)} \
+            if diffs else None
     return rows, best
+
+
+def paired_mean_difference(best: dict, method: str, tasks: list[str]) -> dict | None:
+    """The method's task-mean minus LoRA's, per seed present for every task of both, then mean ± std over seeds."""
+    cells = [(best.get((t, method)), best.get((t, "lora"))) for t in tasks]
+    if any(m is None or l is None for m, l in cells):
+        return None
+    seeds = set.intersection(*[set(m["dev_by_seed"]) & set(l["dev_by_seed"]) for m, l in cells])
+    diffs = [np.mean([m["dev_by_seed"][k] - l["dev_by_seed"][k] for m, l in cells]) for k in sorted(seeds)]
+    return {"mean": float(np.mean(diffs)), "std": float(np.std(diffs)), "seeds": len(diffs)} if diffs else None
 
 
 def write_report(runs: list[dict], opts, stem: str) -> None:
@@ -131,6 +177,18 @@ def write_report(runs: list[dict], opts, stem: str) -> None:
                  if (t, m) in best else "-" for t in opts.tasks]
         lines.append(f"| {m} | {any_row['trainable_start']:,} | {any_row['trainable_end']:,} | "
                      + " | ".join(cells) + f" | {means[m]:.1f} |")
+    lines += ["", "Paired difference to LoRA (same seed, each at its chosen lr; mean ± std over seeds, n seeds):", "",
+              "| method | " + " | ".join(opts.tasks) + " | mean over tasks |", "|" + "---|" * (len(opts.tasks) + 2)]
+    for m in methods:
+        if m == "lora":
+            continue
+        cells = []
+        for t in opts.tasks:
+            d = best[(t, m)]["diff_to_lora"] if (t, m) in best else None
+            cells.append(f"{d['mean']:+.1f} ± {d['std']:.1f} (n={d['seeds']})" if d else "-")
+        d = paired_mean_difference(best, m, opts.tasks)
+        lines.append(f"| {m} | " + " | ".join(cells) + " | "
+                     + (f"{d['mean']:+.1f} ± {d['std']:.1f} (n={d['seeds']})" if d else "-") + " |")
     (RESULTS / f"{stem}_table.md").write_text("\n".join(lines) + "\n")
     (RESULTS / f"{stem}_summary.json").write_text(json.dumps(
         {"command": " ".join(["python", *sys.argv]), "options": vars(opts), "versions": versions(), "rows": rows},
@@ -176,7 +234,15 @@ def main() -> None:
                    help="the learning-rate grid of full fine-tuning")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--label", default="budget", help="names the result files: docs/results/glue_<label>*")
+    p.add_argument("--widen", action="store_true", help="extend a method's grid along its ladder while its chosen lr "
+                                                        "is at an edge")
+    p.add_argument("--regression-bias", choices=("label-mean", "zero"), default="zero",
+                   help="label-mean: the regression head starts at the label mean (the STS-B collapse fix)")
+    p.add_argument("--preset", choices=("separating",), help="separating: the rebuilt benchmark (see module doc)")
     opts = p.parse_args()
+    if opts.preset == "separating":  # every task with signal: 4x the steps, 128 tokens, widened grids, head fix
+        opts.steps, opts.max_length, opts.select_size, opts.widen = max(opts.steps, 400), 128, 500, True
+        opts.regression_bias, opts.label = "label-mean", opts.label if opts.label != "budget" else "separating"
     if not GLUE.is_dir():
         sys.exit(f"GLUE data not found at {GLUE} (the benchmark reads ../shared/data/glue)")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -187,11 +253,15 @@ def main() -> None:
     for task in opts.tasks:
         data = split(task, opts.train_size, opts.select_size)
         for method in opts.methods:
-            for lr in lr_grid(method, opts):  # selection: every lr with the first seed
-                if (task, method, lr, opts.seeds[0]) not in done:
-                    runs.append(one_run(task, method, lr, opts.seeds[0], data, opts))
-                    with log.open("a") as fh:
-                        fh.write(json.dumps(runs[-1]) + "\n")
+            todo = lr_grid(method, opts)
+            while todo:  # selection: every lr with the first seed; with --widen, extend the grid at an edge
+                for lr in todo:
+                    if (task, method, lr, opts.seeds[0]) not in done:
+                        runs.append(one_run(task, method, lr, opts.seeds[0], data, opts))
+                        with log.open("a") as fh:
+                            fh.write(json.dumps(runs[-1]) + "\n")
+                rung = next_rung(runs, task, method, opts) if opts.widen else None
+                todo = [rung] if rung is not None else []
             lr = chosen_lr(runs, task, method, opts)
             for seed in opts.seeds[1:]:  # final numbers: the chosen lr with every seed
                 if (task, method, lr, seed) not in done:

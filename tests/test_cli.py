@@ -84,6 +84,14 @@ def test_regression_with_lora(glue_dir, minilm_path, tmp_path):
     assert run["config"]["task"] == "regression" and run["config"]["text_columns"] == ["sentence1", "sentence2"]
     assert set(run["validation"]) >= {"pearson", "spearman", "mse"}
     assert run["trainable_params"]["start"] == run["trainable_params"]["end"]  # LoRA trains A and B throughout
+    # the head's bias started at the training labels' mean (3 steps at lr 1e-3 move it by at most 3e-3)
+    from safetensors.torch import load_file
+
+    from lamda_peft.data import read_table
+
+    labels = [float(v) for v in read_table(train).column("score")]
+    bias = [v for k, v in load_file(out / "adapter_model.safetensors").items() if k.endswith("classifier.bias")]
+    assert len(bias) == 1 and abs(float(bias[0]) - sum(labels) / len(labels)) < 5e-3
 
 
 @pytest.mark.slow
@@ -135,6 +143,8 @@ def test_bad_inputs_exit_2_and_write_nothing(sst2, glue_dir, tmp_path, capsys):
     bad(["train", *data, "--method", "dora"], capsys, "unknown --method 'dora'", "lamda, lamda++, lora-fa")
     bad(["train", *data, "--model", "./no-such-model"], capsys, "no such folder", "minilm, smollm2")
     bad(["train", *data, "--epochs", "1", "--max-steps", "2"], capsys, "not both")
+    bad(["train", *data, "--method", "lora", "--lr-S", "1e-2"], capsys, "--lr-S apply to --method lamda")
+    bad(["train", *data, "--lr-head", "-1"], capsys, "--lr-head must be a positive")
     bad(["train", "--validation-file", str(dev)], capsys, "needs --train-file")
     bad(["train", *data, "--dataset", "glue"], capsys, "not both")
     if not torch.cuda.is_available():

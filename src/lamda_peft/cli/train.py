@@ -31,6 +31,8 @@ from .checkpoints import (
     PublishCheckpoints, check_interrupt, checkpoint_config, checkpoints, interrupted_message, make_workdir, publish,
     resolve_resume,
 )
+from ..heads import apply_regression_bias
+from ..optim import given_lr_options
 from . import quantized_base
 from .eval import RUN_FILE, evaluate, generation_report, load_base, print_metrics  # noqa: F401 (API)
 from .train_args import DEFAULT_LR, METHODS, check_args
@@ -103,7 +105,8 @@ def run_config(args: argparse.Namespace, spec: DataSpec, data_name: str) -> dict
         "hub_dataset": str(Path(args.dataset).resolve()) if args.dataset and Path(args.dataset).exists() else args.dataset,
         "train_file": str(Path(args.train_file).resolve()) if args.train_file else None,
         "validation_file": str(Path(args.validation_file).resolve()) if args.validation_file else None,
-        "no_header": args.no_header, **dataclasses.asdict(spec),
+        "no_header": args.no_header, **dataclasses.asdict(spec), **given_lr_options(args),
+        **({"regression_bias": args.regression_bias} if args.regression_bias else {}),
         "gradient_accumulation_steps": args.gradient_accumulation_steps, "weight_decay": args.weight_decay,
         "warmup_ratio": args.warmup_ratio, "lr_scheduler": args.lr_scheduler, "bf16": args.bf16, "fp16": args.fp16,
         "dataset_config": args.dataset_config, "train_split": args.train_split if args.dataset else None,
@@ -224,6 +227,12 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     dtype = torch.bfloat16 if args.bf16 and peft_cfg is not None else torch.float32
     model, tokenizer = quantized_base.load_base(args, model_path, spec.task, len(spec.classes or []) or 2, dtype=dtype)
+    try:
+        note = apply_regression_bias(model, spec.task, train_table.column(spec.label_column), args.regression_bias)
+    except ValueError as err:  # e.g. --regression-bias on a classification task, or a head without bias
+        raise UsageError(str(err)) from None
+    if note:
+        print(note)
     check_rank(model, peft_cfg, args.r)
     try:
         model = model if peft_cfg is None else get_peft_model(model, peft_cfg)

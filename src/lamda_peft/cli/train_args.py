@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..heads import add_regression_bias_argument
+from ..optim import add_lr_arguments, check_lr_options
 from . import UsageError, quantized_base
 from .training import LR_SCHEDULERS, REPORTERS, check_reporters
 
@@ -32,6 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction, run) -> argparse.Argument
                                            "or 'input')")
     d.add_argument("--response-column", help="causal-lm: response column, the only tokens in the loss (default: "
                                              "'response', 'answer', 'output' or 'completion')")
+    add_regression_bias_argument(d)  # lamda_peft.heads
     m = p.add_argument_group("model and method")
     m.add_argument("--model", default="minilm", help="alias (minilm, smollm2), local folder or Hub id")
     m.add_argument("--method", default="lamda", help=f"one of {', '.join(METHODS)} (default lamda)")
@@ -42,6 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction, run) -> argparse.Argument
     quantized_base.add_argument(m)
     t = p.add_argument_group("training")
     t.add_argument("--lr", type=float, help="learning rate (default 1e-3 for adapters, 5e-5 for full)")
+    add_lr_arguments(t)  # --lr-S, --lr-B, --lr-head (lamda_peft.optim)
     t.add_argument("--epochs", type=float, help="passes over the training data (default 1)")
     t.add_argument("--max-steps", type=int, help="optimizer steps (instead of --epochs)")
     t.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (default 16)")
@@ -103,6 +107,10 @@ def check_args(args: argparse.Namespace) -> None:
 
         if not torch.cuda.is_available():
             raise UsageError("--fp16 needs a GPU (float16 autocast with loss scaling); on the CPU use --bf16")
+    try:
+        check_lr_options(args)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     args.report_to = check_reporters(args.report_to) or ["none"]
     args.lora_alpha = args.lora_alpha or 2.0 * args.r
     args.lr = args.lr or DEFAULT_LR.get(args.method, 1e-3)

@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ..optim import trainer_optimizers
 from ..tuners.quantized import quantization_state_bytes
 from transformers.trainer_callback import ProgressCallback
 
@@ -109,7 +110,8 @@ def train_model(model, tokenizer, spec, train_ds, eval_ds, args: argparse.Namesp
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=collator_for(spec, tokenizer),
-                      callbacks=[*lamda_callbacks(args.method), *extra, *callbacks])
+                      callbacks=[*lamda_callbacks(args.method), *extra, *callbacks],
+                      optimizers=trainer_optimizers(model, args))
     if not training_args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(NumericProgress)
