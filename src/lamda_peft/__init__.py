@@ -10,6 +10,7 @@ from ._peft_registry import register
 from .callbacks import LamdaCallback
 from .export import export_lora
 from .freezing import PMBFreezer, attach_freezing, freeze_count
+from .optim import lamda_param_groups
 from .tuners.lamda import LamdaConfig, LamdaLayer, LamdaModel
 from .tuners.lora_fa import LoraFAConfig, LoraFALayer, LoraFAModel
 
@@ -30,4 +31,5 @@ __all__ = [
     "LoraFALayer",
     "LoraFAModel",
     "export_lora",
+    "lamda_param_groups",
 ]

@@ -175,4 +175,7 @@ def trainer_optimizers(model: nn.Module, args: Any) -> tuple[Optional[torch.opti
         return None, None
     weight_decay = float(getattr(args, "weight_decay", 0.0) or 0.0)  # --weight-decay, as the Trainer's AdamW would use it
     groups = lamda_param_groups(model, args.lr, weight_decay=weight_decay, **given_lr_options(args))
+    # The Trainer logs the first group's learning rate: put the groups at --lr first, so the logged value is --lr's
+    # schedule (not S's 10x) whenever some group uses it.
+    groups.sort(key=lambda group: group["lr"] != args.lr)
     return torch.optim.AdamW(groups, lr=args.lr, weight_decay=weight_decay), None
