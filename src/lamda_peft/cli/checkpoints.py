@@ -41,9 +41,17 @@ def sigint_handled() -> Iterator[None]:
     """Ctrl-C raises KeyboardInterrupt and is remembered: one raised inside a weakref callback or a ``__del__`` is
     printed and dropped by Python, so ``check_interrupt`` raises it again at the next safe point."""
     _Sigint.caught = False
+    with _sigint_handler(_on_sigint):
+        yield
+
+
+@contextmanager
+def _sigint_handler(handler: Any) -> Iterator[None]:
+    """SIGINT goes to ``handler`` inside the block. Outside the main thread (an embedding application) nothing is
+    installed: signals cannot be handled there, and the application's handler stays."""
     try:
-        previous = signal.signal(signal.SIGINT, _on_sigint)
-    except ValueError:  # not the main thread (an embedding application): leave its handler alone
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:
         yield
         return
     try:
@@ -61,15 +69,8 @@ def check_interrupt() -> None:
 def sigint_deferred() -> Iterator[None]:
     """Hold Ctrl-C until the block ends (renames that must not be cut in half), then raise it."""
     caught: list[Any] = []
-    try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    except ValueError:  # not the main thread: signals cannot arrive here anyway
+    with _sigint_handler(lambda signum, frame: caught.append(signum)):
         yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
     if caught:
         _Sigint.caught = True
         raise KeyboardInterrupt
