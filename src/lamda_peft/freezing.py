@@ -18,6 +18,9 @@ decay keep moving a column whose gradient is zero):
 3. after each optimizer step (``register_step_post_hook``): the frozen columns are copied back from a snapshot taken
    when they froze, so whatever the optimizer did (momentum, weight decay) they stay bit-identical.
 
+Under DeepSpeed ZeRO (stages 1-3) the optimizer holds flat fp32 partitions, not B: steps 2-3 act on ZeRO's step
+and on the slice of B's master and working copies each rank owns (``integrations/zero_optimizer.py``).
+
 Once k = r, B is *released* where that is safe (a single process, FSDP2): ``requires_grad=False`` made structural
 through PEFT's ``frozen_peft_weight_names`` (``set_adapter``/``enable_adapter_layers`` re-apply it), ``.grad``
 dropped, optimizer state dropped, snapshot dropped. ``LowRankDelta`` then computes no dB. Under DDP with default
@@ -39,6 +42,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 from torch import nn
 
+from .integrations import zero_optimizer
 from .tuners.lamda.config import FREEZE_ORDERS, LamdaConfig
 from .tuners.lamda.layer import LamdaLayer
 
@@ -179,18 +183,24 @@ class PMBFreezer:
         check_release(release)
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"start_step must be an integer >= 0 (the optimizer steps already done), got {start_step!r}")
-        self.optimizer = _innermost_optimizer(optimizer)
-        inner_model, ddp = _unwrap_ddp(model)
+        # DeepSpeed ZeRO: its optimizer (found through accelerate's wrapper too) owns B's master copy.
+        self.zero = zero_optimizer.find_zero_optimizer(optimizer)
+        self.optimizer = None if self.zero is not None else _innermost_optimizer(optimizer)
+        inner_model, ddp = _unwrap_ddp(zero_optimizer.unwrap_engine(model))
         self.targets = self._find_targets(inner_model, adapter_name)
         self._check_optimizer_holds_b(start_step)
         self.release_mode = release
         self.release_blocked = self._release_blocked_reason(ddp)
         self._warned_blocked = False
         self.step = start_step
-        self._hooks = [
-            self.optimizer.register_step_pre_hook(self._before_optimizer_step),
-            self.optimizer.register_step_post_hook(self._after_optimizer_step),
-        ]
+        if self.zero is not None:
+            self._hooks = [zero_optimizer.register_step_hooks(self.zero, self._before_optimizer_step,
+                                                              self._after_optimizer_step)]
+        else:
+            self._hooks = [
+                self.optimizer.register_step_pre_hook(self._before_optimizer_step),
+                self.optimizer.register_step_post_hook(self._after_optimizer_step),
+            ]
         self._apply_schedule()
 
     # -- discovery and checks --------------------------------------------------------------------------
@@ -220,9 +230,10 @@ class PMBFreezer:
         return targets
 
     def _check_optimizer_holds_b(self, start_step: int) -> None:
-        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        held = set() if self.optimizer is None else {id(p) for group in self.optimizer.param_groups
+                                                     for p in group["params"]}
         for target in self.targets:
-            if id(target.B) in held:
+            if id(target.B) in held or (self.zero is not None and zero_optimizer.holds(self.zero, target.B)):
                 continue
             fully_frozen = freeze_count(start_step, self.total_steps, target.r, target.freeze_ratio) == target.r
             if not target.B.requires_grad and fully_frozen:
@@ -237,6 +248,13 @@ class PMBFreezer:
         """Why B may not be released once fully frozen (None: it may)."""
         if self.release_mode == "never":
             return "release='never'"
+        if self.zero is not None:
+            if self.release_mode == "always":
+                raise ValueError("release='always' is not possible under DeepSpeed ZeRO: its partitions and optimizer "
+                                 "state are built at deepspeed.initialize and cannot drop B later; use release='auto' "
+                                 "(B stays allocated and masked, its frozen columns exact)")
+            return ("DeepSpeed ZeRO built its partitions, gradient buckets and optimizer state with B trainable at "
+                    "deepspeed.initialize; B stays in them, masked")
         if self.release_mode == "always":
             return None
         if any(_is_sharded(t.B) for t in self.targets):
@@ -316,7 +334,8 @@ class PMBFreezer:
         # A deferred init (config read from disk, meta-device base) must run before the snapshot, or the frozen
         # columns would be restored to the zero placeholders after every step.
         target.layer.materialize()
-        B = _local(target.B.detach())
+        # Under ZeRO the value to keep is the fp32 master copy, read whole (collective, same step on every rank).
+        B = zero_optimizer.full_master_value(target.B) if self.zero is not None else _local(target.B.detach())
         if target.snapshot is None:
             target.snapshot = torch.empty_like(B)
         new = frozen_columns(k, target.r, target.order)
@@ -351,7 +370,10 @@ class PMBFreezer:
         for target in self.targets:
             if target.k and not target.released:
                 columns = target.columns()
-                _local(target.B.detach())[:, columns] = target.snapshot[:, columns]
+                if self.zero is not None:
+                    zero_optimizer.restore_columns(target.B, target.snapshot, columns)
+                else:
+                    _local(target.B.detach())[:, columns] = target.snapshot[:, columns]
         self.step += 1
         self._apply_schedule()
 
@@ -362,7 +384,8 @@ def attach_freezing(model: nn.Module, optimizer: Any, total_steps: int, *, adapt
 
     Args:
         model: the PEFT model (or its DDP wrapper: then the release decision sees ``find_unused_parameters``).
-        optimizer: any torch optimizer holding the model's B parameters (or a wrapper with ``.optimizer``).
+        optimizer: any torch optimizer holding the model's B parameters (or a wrapper with ``.optimizer``), or
+            DeepSpeed's ZeRO optimizer (``engine.optimizer``; ``model`` may then be the engine).
         total_steps: T, the number of optimizer steps of the run.
         adapter_name: the LaMDA adapter to freeze (default: every active LaMDA adapter).
         release: once B is fully frozen, turn its gradient off and drop its optimizer state: ``"auto"`` (single
