@@ -153,6 +153,33 @@ def test_memory_counts_the_packed_weight_and_its_state(tiny_dir, input_ids):
     assert q4.gradient_bytes == full.gradient_bytes and q4.trainable_parameters == full.trainable_parameters
 
 
+def test_planner_knows_the_bytes_of_a_4bit_base(tiny_dir, input_ids, capsys):
+    """``prepare_model(load_in_4bit=True)`` (``lamda-peft report --load-in-4bit``), from the config alone, gives
+    the bytes the real 4-bit model holds: its parameters (packed weights, full-precision embeddings, norms and head)
+    plus the quantization state; and the training step estimate equals the one measured on that model."""
+    from transformers import AutoConfig
+
+    from lamda_peft.cli import main as cli_main
+    from lamda_peft.memory import estimate_training_step, prepare_model
+
+    config = AutoConfig.from_pretrained(tiny_dir)
+    real = load(tiny_dir, 4)
+    held = sum(p.numel() * p.element_size() for p in real.parameters()) + quantization_state_bytes(real)
+    assert prepare_model(config, 2, 12, r=4, load_in_4bit=True).parameter_bytes == held
+    assert prepare_model(config, 2, 12, r=4).parameter_bytes > held  # the float base really is larger
+    measured = measure_training_step(get_peft_model(real, lamda()), {"input_ids": input_ids, "labels": input_ids})
+    estimated = estimate_training_step(config, *input_ids.shape, method="lamda", r=4, targets=TARGETS,
+                                       load_in_4bit=True)
+    assert estimated.parameter_bytes == measured.parameter_bytes
+    totals = {}
+    for flag in ([], ["--load-in-4bit"]):
+        assert cli_main(["report", tiny_dir, "--r", "4", "--batch", "2", "--seq", "9", "--dtype", "fp32", "--json",
+                         *flag]) == 0
+        totals[bool(flag)] = json.loads(capsys.readouterr().out)[0]["accounted_bytes"]
+    float_bytes = prepare_model(config, 2, 9, r=4).parameter_bytes
+    assert totals[False] - totals[True] == float_bytes - held  # the report's totals move by the base's bytes alone
+
+
 @pytest.mark.slow
 def test_smollm2_in_4bit_trains_and_reloads(smollm2_path, tmp_path):
     ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))

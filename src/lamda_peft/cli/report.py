@@ -75,9 +75,9 @@ def load_config(name_or_path: str):
 
 
 def plan(config, r: int, batch: int, seq: int, targets, dtype: torch.dtype, steps: int = 1000,
-         freeze_ratio: float = 0.3, device: str = "cuda") -> list[Row]:
+         freeze_ratio: float = 0.3, device: str = "cuda", load_in_4bit: bool = False) -> list[Row]:
     """The report's rows (see the module docstring)."""
-    prepared = prepare_model(config, batch, seq, r, targets, dtype)
+    prepared = prepare_model(config, batch, seq, r, targets, dtype, load_in_4bit=load_in_4bit)
     modules = prepared.modules
     rows = []
     for label, method in ROWS:
@@ -129,6 +129,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, default=1000, help="training steps, for the averaged updates")
     p.add_argument("--freeze-ratio", type=float, default=0.3, help="LaMDA's B is frozen over this fraction")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where the run would train")
+    p.add_argument("--load-in-4bit", action="store_true",
+                   help="the base's linear layers in 4-bit NF4, as `lamda-peft train --load-in-4bit` loads them "
+                        "(--dtype is then the compute dtype)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=run)
 
@@ -143,13 +146,14 @@ def run(args) -> int:
     targets = args.targets if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",") if t.strip()]
     try:
         rows = plan(config, args.r, args.batch, args.seq, targets, DTYPES[args.dtype], args.steps, args.freeze_ratio,
-                    args.device)
+                    args.device, load_in_4bit=args.load_in_4bit)
     except ValueError as err:
         raise UsageError(str(err)) from None
     if args.json:
         print(json.dumps([row.__dict__ for row in rows], indent=2))
         return 0
-    print(f"{args.model}: r={args.r}, batch {args.batch} x seq {args.seq}, targets {args.targets}, base {args.dtype}, "
+    base = f"4-bit NF4 base (compute {args.dtype})" if args.load_in_4bit else f"base {args.dtype}"
+    print(f"{args.model}: r={args.r}, batch {args.batch} x seq {args.seq}, targets {args.targets}, {base}, "
           f"AdamW, {args.steps} steps (B frozen over the first {args.freeze_ratio:.0%}); MB = 10^6 bytes\n")
     print(format_table(rows))
     if rows[0].model_activation_bytes is None:
