@@ -1,0 +1,30 @@
+"""LaMDA on a 4-bit NF4 SmolLM2 (QLoRA-style): step 0 is exactly the quantized model, then a few steps.
+
+    python examples/qlora_4bit.py          # needs pip install -e ".[quant]"
+"""
+
+import torch
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lamda_peft import LamdaConfig, attach_freezing
+from lamda_peft.cli.quantized_base import nf4_config
+from lamda_peft.models import smollm2_path
+
+path = smollm2_path()
+base = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4_config())  # bf16 compute on a GPU
+tokenizer = AutoTokenizer.from_pretrained(path)
+batch = tokenizer(["Question: what is 3 plus 3? Answer: 6."], return_tensors="pt").to(base.device)
+with torch.no_grad():
+    before = base(**batch).logits
+model = get_peft_model(base, LamdaConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+with torch.no_grad():
+    print("step 0 equals the 4-bit model:", torch.equal(model(**batch).logits, before))
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+freezer = attach_freezing(model, optimizer, total_steps=10)
+for step in range(10):
+    loss = model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    optimizer.step(), optimizer.zero_grad()
+print(f"loss after 10 steps: {loss.item():.3f}; B frozen: {freezer.frozen_fraction:.0%}")
+model.save_pretrained("runs/qlora/adapter")  # loads on the 4-bit base (exact) or the full-precision one
