@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,32 @@ def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaF
     config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def run_two_ranks(worker: Path, *args: str, port: int, timeout: int = 300) -> dict:
+    """Run ``worker`` in 2 processes (torchrun; the workers use gloo) on its own ``port``, and return the one JSON
+    line rank 0 prints (lines starting with '{"'), plus the processes' stderr."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               str(worker), *args]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('{"')]
+    assert len(lines) == 1, proc.stdout[-3000:]
+    return json.loads(lines[0]) | {"stderr": proc.stderr}
+
+
+def assert_reload_reproduces(out: Path) -> None:
+    """The adapter a distributed worker saved in ``out/adapter`` (on ``make_tiny_llama(seed=0)``), reloaded in this
+    process without any distribution, gives the logits rank 0 wrote to ``out/logits.pt``, and they are not the
+    base's (it trained)."""
+    from peft import PeftModel
+
+    saved = torch.load(out / "logits.pt")
+    reloaded = PeftModel.from_pretrained(make_tiny_llama(seed=0), out / "adapter").eval()
+    with torch.no_grad():
+        logits = reloaded(input_ids=saved["ids"]).logits
+        assert not torch.equal(logits, make_tiny_llama(seed=0)(input_ids=saved["ids"]).logits)
+    assert torch.allclose(logits, saved["logits"], rtol=1e-5, atol=1e-6)
 
 
 def make_tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32) -> GPT2LMHeadModel:

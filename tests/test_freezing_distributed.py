@@ -1,28 +1,21 @@
-"""Freezing under 2-process DDP (default settings and find_unused_parameters=True), FSDP2 and accelerate: torchrun,
-gloo, CPU. The worker (freezing_dist_worker.py) checks after every step that the replicas hold identical adapter
-weights and that frozen columns did not move; here we check how it ended."""
+"""Freezing under 2-process DDP (default settings and find_unused_parameters=True), FSDP2 and accelerate (which
+prepares DDP on a CPU): torchrun, gloo, CPU. The worker (freezing_dist_worker.py) checks after every step that the
+replicas hold identical adapter weights and that frozen columns did not move; here we check how it ended."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_two_ranks
 
 WORKER = Path(__file__).resolve().parent / "freezing_dist_worker.py"
 PORTS = {"ddp": 29631, "ddp_unused": 29632, "fsdp2": 29633, "accelerate": 29634}
 
 
 def run_worker(mode: str) -> dict:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={PORTS[mode]}",
-               str(WORKER), mode]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == 1, proc.stdout[-3000:]
-    return json.loads(lines[0]) | {"stderr": proc.stderr}
+    return run_two_ranks(WORKER, mode, port=PORTS[mode], timeout=240)
 
 
 @pytest.mark.distributed
