@@ -8,7 +8,8 @@ the test split and the final-answer exact match (greedy, ``#### N``) on a fixed 
     python benchmarks/gsm8k.py --methods lora lamda --train-size 64 --steps 8 --test-size 24 --em-size 4 \
         --max-new-tokens 96 --label reduced          # a reduced run (minutes)
 
-The untrained base model is scored too (method "base"). Results: docs/results/gsm8k_<label>{.md,.png,.json}.
+The untrained base model is scored too (method "base"). Results: docs/results/gsm8k_<label>{.md,.png,.json}; every
+finished method is appended to docs/results/gsm8k_<label>_runs.jsonl, and a rerun resumes from it.
 """
 
 from __future__ import annotations
@@ -81,9 +82,24 @@ def main() -> None:
     train.rows = train.rows[: opts.train_size]
     test = read_table(GSM8K / "test.jsonl")
     test.rows = test.rows[: opts.test_size]
-    results = [run_method(m, train, test, opts) for m in ["base", *opts.methods]]
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"gsm8k_{opts.label}"
+    # Each finished method is appended to the run log at once; a rerun with the same options skips those already
+    # there (a run of hours resumes where it stopped). A log written with other options is refused, not mixed in.
+    log = stem.with_name(stem.name + "_runs.jsonl")
+    setting = {k: v for k, v in vars(opts).items() if k not in ("methods", "label")}
+    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    for run in done:
+        if run["options"] != setting:
+            sys.exit(f"{log} holds runs with other options ({run['options']}); use another --label")
+    results = []
+    for method in ["base", *opts.methods]:
+        previous = next((r for r in done if r["method"] == method), None)
+        if previous is None:
+            previous = run_method(method, train, test, opts) | {"options": setting}
+            with log.open("a") as fh:
+                fh.write(json.dumps(previous) + "\n")
+        results.append(previous)
     stem.with_suffix(".json").write_text(json.dumps(
         {"command": " ".join(["python", *sys.argv]), "options": vars(opts), "versions": versions(),
          "results": results}, indent=2) + "\n")
