@@ -76,7 +76,7 @@ def one_run(task: str, method: str, lr: float, seed: int, data, opts) -> dict:
     spec = infer_spec(train, dev, **TASKS[task][1], max_length=opts.max_length)
     torch.manual_seed(seed)  # the head's init too
     model, tokenizer = load_base(minilm_path(), spec.task, len(spec.classes or []) or 2)
-    if opts.regression_bias == "label-mean":  # the STS-B collapse fix, for every method alike (lamda_peft.heads)
+    if opts.regression_bias == "label-mean" and spec.task == "regression":  # the STS-B collapse fix, every method
         apply_regression_bias(model, spec.task, train.column(spec.label_column), "label-mean")
     cfg = peft_config(method, opts.r, 2.0 * opts.r, "all-linear", spec.task, None)
     from peft import get_peft_model
