@@ -6,10 +6,13 @@ and a seed. The knobs (each defaults to the committed LaMDA/CLI setting):
 
     lr, lr_S, lr_B, lr_head   per-group learning rates (lamda_peft.optim.lamda_param_groups); None = lr (not the
                               library's default multipliers: the ablation's reference is one lr for everything)
-    freeze_ratio              fraction of the steps over which B freezes (1.0: B trains to the end)
+    freeze_ratio              fraction of the steps over which B freezes column by column (1.0: the last column
+                              freezes at the last step, so on average half of B is frozen; None: no freezing at all)
     warmup                    warmup fraction of the steps (the CLI uses 0.06)
     alpha                     lora_alpha (s = alpha / r; the CLI uses 2 r); "rs" prefix: rsLoRA, alpha * sqrt(r)
-    init                      spectral (paper: top-r SVD, S = I), spectral_zero (S = 0), random (random A, B = 0)
+    init                      spectral (paper: top-r SVD, S = I), spectral_zero (S = 0), random (random A, B = 0),
+                              activations (A spans the top-r principal directions of the layer's input activations
+                              over 8 calibration batches, scaled like spectral), activations_orth (A orthonormal)
     subspace                  top (paper), minor (the r smallest singular directions; ablation only)
 
     python benchmarks/lamda_ablation.py --plan diagnose           # the cells of one plan (see PLANS)
@@ -87,6 +90,18 @@ PLANS: dict[str, list[dict]] = {
     "default_c": _grid((100,), (1,), [dict()]) + _grid((100,), (2,), [dict(lr_S=1e-2)])
     + _grid((100,), (0, 1, 2), [dict(method="lora")])
     + _grid((400,), (0,), [dict(lr_S=1e-2)]),
+    # 5. (session 2) which part of the gap to LoRA is B's freezing, B's lr, or A's subspace. Seed 0 of every variant
+    #    first, so that a line of inquiry can stop after one seed. Default now: lr_S = 10 lr, B and head at lr.
+    #    freeze_ratio=1.0 still freezes B gradually (all of it at the last step); None = B never frozen.
+    "gap": _grid((100,), (0, 1, 2), [
+        dict(lr_S=1e-2, freeze_ratio=None),                     # B never frozen, lr_B = lr
+        dict(lr_S=1e-2, lr_B=3e-3, freeze_ratio=None),          # B never frozen, lr_B = 3 lr
+        dict(method="lora-fa"),                                  # random frozen A, B trained at lr (reference)
+        dict(lr_S=1e-2, init="random", freeze_ratio=None),      # LoRA-FA + S: random A, B = 0, never frozen
+        dict(lr_S=1e-2, init="activations"),                    # activation subspace, default schedule
+        dict(lr_S=1e-2, init="activations", freeze_ratio=None),
+        dict(lr_S=1e-2, freeze_ratio=0.5), dict(lr_S=1e-2, freeze_ratio=0.7),  # a longer B phase
+        dict(lr_S=1e-2, freeze_ratio=1.0)]),
 }
 
 
@@ -107,7 +122,9 @@ def _lamda_config(c: dict, task_type):
     if c["method"] == "lora-fa":
         return LoraFAConfig(**common)
     extra = {"rank_allocation": "energy"} if c["method"] == "lamda++" else {}
-    return LamdaConfig(**common, init=c["init"], freeze_ratio=c["freeze_ratio"], **extra)
+    init = "spectral" if c["init"].startswith("activations") else c["init"]  # activations: see one_run
+    freeze_ratio = 1.0 if c["freeze_ratio"] is None else c["freeze_ratio"]  # None: no LamdaCallback (see one_run)
+    return LamdaConfig(**common, init=init, freeze_ratio=freeze_ratio, **extra)
 
 
 @torch.no_grad()
@@ -129,6 +146,62 @@ def _use_minor_subspace(model) -> None:
             layer.lamda_B0S0[adapter].copy_(layer.lamda_B[adapter])
 
 
+@torch.no_grad()
+def _use_activation_subspace(model, batches: list[dict], orthonormal: bool = False) -> None:
+    """Prototype of the activation init: A spans the top-r principal directions of each layer's input.
+
+    For every LaMDA layer, G = sum over calibration tokens of x x^T (d_in, d_in; uncentered, float64, padding left
+    out), Q = its top-r eigenvectors (d_in, r). Then W0 Q = U' diag(sigma') V'^T (d_out x r, r x r) and
+    A = diag(sqrt(sigma'/s)) V'^T Q^T, B = B0S0 = U' diag(sqrt(sigma'/s)), S = I: s B0 S0 A = W0 Q Q^T (W0 restricted
+    to the subspace), scaled like the spectral init (which it equals when Q spans W0's top-r right singular vectors).
+    ``orthonormal``: A = Q^T, B = B0S0 = W0 Q / s instead.
+    """
+    from lamda_peft import LamdaLayer
+    from lamda_peft.tuners.delta import weight_as_out_in
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LamdaLayer)}
+    grams = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in layers.items()}
+    mask: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def collect(module, args):
+            x = args[0]
+            if x.ndim == 3 and x.shape[:2] == mask["m"].shape:
+                x = x[mask["m"]]
+            x = x.reshape(-1, x.shape[-1]).double()
+            grams[name] += x.T @ x
+        return collect
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    try:
+        for batch in batches:
+            mask["m"] = batch["attention_mask"].bool()
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        for h in handles:
+            h.remove()
+    for name, layer in layers.items():
+        for adapter in layer.lamda_S:
+            r, s = layer.r[adapter], layer.scaling[adapter]
+            Q = torch.linalg.eigh(grams[name]).eigenvectors[:, -r:].flip(-1)  # (d_in, r), largest first
+            WQ = weight_as_out_in(layer.get_base_layer()).double() @ Q  # (d_out, r)
+            if orthonormal:
+                A, B = Q.T, WQ / s
+            else:
+                U, sig, Vh = torch.linalg.svd(WQ, full_matrices=False)
+                root = torch.sqrt(sig / s)
+                A, B = root[:, None] * (Vh @ Q.T), U * root[None, :]
+            layer.lamda_A[adapter].copy_(A)
+            layer.lamda_B[adapter].copy_(B)
+            layer.lamda_S[adapter].copy_(torch.eye(r))
+            layer.lamda_B0S0[adapter].copy_(layer.lamda_B[adapter])
+
+
+def _calibration_batches(dataset, collate, seed: int, num_batches: int = 8, size: int = 16) -> list[dict]:
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[: num_batches * size].tolist()
+    return [collate([dataset[i] for i in order[j:j + size]]) for j in range(0, len(order), size)]
+
+
 def one_run(c: dict, data) -> dict:
     from peft import TaskType, get_peft_model
     from transformers import Trainer, TrainingArguments
@@ -142,6 +215,12 @@ def one_run(c: dict, data) -> dict:
     model = get_peft_model(model, _lamda_config(c, TaskType.SEQ_CLS))
     if c["subspace"] == "minor":
         _use_minor_subspace(model)
+    if c["init"].startswith("activations"):  # prototype: built as spectral, then re-initialized from activations
+        encoded = spec.encode(train, tokenizer)
+        model.eval()
+        _use_activation_subspace(model, _calibration_batches(encoded, collator_for(spec, tokenizer), c["seed"]),
+                                 orthonormal=c["init"] == "activations_orth")
+        model.train()
     # None = lr: the ablation's baseline is one lr for everything (the library's default multipliers may differ)
     groups = lamda_param_groups(model, c["lr"], **{k: c[k] or c["lr"] for k in ("lr_S", "lr_B", "lr_head")})
     optimizer = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=0.0)
@@ -151,7 +230,8 @@ def one_run(c: dict, data) -> dict:
         warmup_steps=int(c["warmup"] * steps), weight_decay=0.0, logging_steps=max(1, steps // 20),
         eval_strategy="no", save_strategy="no", report_to="none", seed=c["seed"], data_seed=c["seed"], use_cpu=True,
         dataloader_num_workers=0, disable_tqdm=True)
-    callbacks = [LamdaCallback()] if c["method"] in ("lamda", "lamda++") else []
+    freezes = c["method"] in ("lamda", "lamda++") and c["freeze_ratio"] is not None
+    callbacks = [LamdaCallback()] if freezes else []
     trainer = Trainer(model=model, args=args, train_dataset=spec.encode(train, tokenizer),
                       data_collator=collator_for(spec, tokenizer), optimizers=(optimizer, None), callbacks=callbacks)
     began = time.time()
