@@ -12,7 +12,9 @@ and a seed. The knobs (each defaults to the committed LaMDA/CLI setting):
     alpha                     lora_alpha (s = alpha / r; the CLI uses 2 r); "rs" prefix: rsLoRA, alpha * sqrt(r)
     init                      spectral (paper: top-r SVD, S = I), spectral_zero (S = 0), random (random A, B = 0),
                               activations (A spans the top-r principal directions of the layer's input activations
-                              over 8 calibration batches, scaled like spectral), activations_orth (A orthonormal)
+                              over 8 calibration batches of 16 training sentences, ~1,700 tokens, scaled like
+                              spectral; lamda_peft.initialize_from_activations. The first runs in the log used a
+                              prototype in this script with the same math: factors equal to 4e-12)
     subspace                  top (paper), minor (the r smallest singular directions; ablation only)
 
     python benchmarks/lamda_ablation.py --plan diagnose           # the cells of one plan (see PLANS)
@@ -45,6 +47,7 @@ from lamda_peft.cli.eval import collator_for, evaluate, load_base  # noqa: E402
 from lamda_peft.data import infer_spec  # noqa: E402
 from lamda_peft.models import minilm_path  # noqa: E402
 from lamda_peft.optim import describe_groups, lamda_param_groups  # noqa: E402
+from lamda_peft.tuners.lamda.activations import initialize_from_activations  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"
 LOG = RESULTS / "lamda_ablation_runs.jsonl"
@@ -129,9 +132,8 @@ def _lamda_config(c: dict, task_type):
     if c["method"] == "lora-fa":
         return LoraFAConfig(**common)
     extra = {"rank_allocation": "energy"} if c["method"] == "lamda++" else {}
-    init = "spectral" if c["init"].startswith("activations") else c["init"]  # activations: see one_run
     freeze_ratio = 1.0 if c["freeze_ratio"] is None else c["freeze_ratio"]  # None: no LamdaCallback (see one_run)
-    return LamdaConfig(**common, init=init, freeze_ratio=freeze_ratio, **extra)
+    return LamdaConfig(**common, init=c["init"], freeze_ratio=freeze_ratio, **extra)
 
 
 @torch.no_grad()
@@ -149,57 +151,6 @@ def _use_minor_subspace(model) -> None:
             root = torch.sqrt(S[-r:] / s)
             layer.lamda_A[adapter].copy_(root[:, None] * Vh[-r:])
             layer.lamda_B[adapter].copy_(U[:, -r:] * root[None, :])
-            layer.lamda_S[adapter].copy_(torch.eye(r))
-            layer.lamda_B0S0[adapter].copy_(layer.lamda_B[adapter])
-
-
-@torch.no_grad()
-def _use_activation_subspace(model, batches: list[dict], orthonormal: bool = False) -> None:
-    """Prototype of the activation init: A spans the top-r principal directions of each layer's input.
-
-    For every LaMDA layer, G = sum over calibration tokens of x x^T (d_in, d_in; uncentered, float64, padding left
-    out), Q = its top-r eigenvectors (d_in, r). Then W0 Q = U' diag(sigma') V'^T (d_out x r, r x r) and
-    A = diag(sqrt(sigma'/s)) V'^T Q^T, B = B0S0 = U' diag(sqrt(sigma'/s)), S = I: s B0 S0 A = W0 Q Q^T (W0 restricted
-    to the subspace), scaled like the spectral init (which it equals when Q spans W0's top-r right singular vectors).
-    ``orthonormal``: A = Q^T, B = B0S0 = W0 Q / s instead.
-    """
-    from lamda_peft import LamdaLayer
-    from lamda_peft.tuners.delta import weight_as_out_in
-
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, LamdaLayer)}
-    grams = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in layers.items()}
-    mask: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def collect(module, args):
-            x = args[0]
-            if x.ndim == 3 and x.shape[:2] == mask["m"].shape:
-                x = x[mask["m"]]
-            x = x.reshape(-1, x.shape[-1]).double()
-            grams[name] += x.T @ x
-        return collect
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    try:
-        for batch in batches:
-            mask["m"] = batch["attention_mask"].bool()
-            model(**{k: v for k, v in batch.items() if k != "labels"})
-    finally:
-        for h in handles:
-            h.remove()
-    for name, layer in layers.items():
-        for adapter in layer.lamda_S:
-            r, s = layer.r[adapter], layer.scaling[adapter]
-            Q = torch.linalg.eigh(grams[name]).eigenvectors[:, -r:].flip(-1)  # (d_in, r), largest first
-            WQ = weight_as_out_in(layer.get_base_layer()).double() @ Q  # (d_out, r)
-            if orthonormal:
-                A, B = Q.T, WQ / s
-            else:
-                U, sig, Vh = torch.linalg.svd(WQ, full_matrices=False)
-                root = torch.sqrt(sig / s)
-                A, B = root[:, None] * (Vh @ Q.T), U * root[None, :]
-            layer.lamda_A[adapter].copy_(A)
-            layer.lamda_B[adapter].copy_(B)
             layer.lamda_S[adapter].copy_(torch.eye(r))
             layer.lamda_B0S0[adapter].copy_(layer.lamda_B[adapter])
 
@@ -222,12 +173,9 @@ def one_run(c: dict, data) -> dict:
     model = get_peft_model(model, _lamda_config(c, TaskType.SEQ_CLS))
     if c["subspace"] == "minor":
         _use_minor_subspace(model)
-    if c["init"].startswith("activations"):  # prototype: built as spectral, then re-initialized from activations
-        encoded = spec.encode(train, tokenizer)
-        model.eval()
-        _use_activation_subspace(model, _calibration_batches(encoded, collator_for(spec, tokenizer), c["seed"]),
-                                 orthonormal=c["init"] == "activations_orth")
-        model.train()
+    if c["init"] == "activations":  # 8 seeded batches of 16 training sentences
+        batches = _calibration_batches(spec.encode(train, tokenizer), collator_for(spec, tokenizer), c["seed"])
+        initialize_from_activations(model, batches, num_batches=len(batches))
     # None = lr: the ablation's baseline is one lr for everything (the library's default multipliers may differ)
     groups = lamda_param_groups(model, c["lr"], **{k: c[k] or c["lr"] for k in ("lr_S", "lr_B", "lr_head")})
     optimizer = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=0.0)
