@@ -286,20 +286,31 @@ def label(c: dict) -> str:
 
 
 def report(runs: list[dict]) -> str:
-    """Dev accuracy per (settings, steps): mean ± std over seeds, with the number of seeds."""
+    """Dev accuracy per (settings, steps): mean ± std over seeds, with the number of seeds; then, per budget, the
+    difference to LoRA (lr 1e-3) paired by seed, over the seeds both have (2 or more)."""
     table: dict[str, dict[int, list[float]]] = {}
+    by_seed: dict[tuple[str, int], dict[int, float]] = {}
     for run in runs:
-        table.setdefault(label(run), {}).setdefault(run["steps"], []).append(100 * run["dev"]["accuracy"])
+        acc = 100 * run["dev"]["accuracy"]
+        table.setdefault(label(run), {}).setdefault(run["steps"], []).append(acc)
+        by_seed.setdefault((label(run), run["steps"]), {})[run["seed"]] = acc
     budgets = sorted({run["steps"] for run in runs})
     lines = ["| settings (differences from: lr 1e-3 for every group, freeze_ratio 0.3, warmup 6%, alpha 16, "
-             "spectral init, top-r subspace) | " + " | ".join(f"{t} steps" for t in budgets) + " |",
-             "|---|" + "---|" * len(budgets)]
+             "spectral init, top-r subspace) | " + " | ".join(f"{t} steps" for t in budgets)
+             + " | " + " | ".join(f"{t} steps, minus LoRA (paired)" for t in budgets) + " |",
+             "|---|" + "---|" * 2 * len(budgets)]
+    lora = label(cell(method="lora"))
     for name, by_steps in table.items():
         cells = []
         for t in budgets:
             acc = by_steps.get(t)
             cells.append("-" if not acc else f"{np.mean(acc):.1f}" + (f" ± {np.std(acc):.1f}" if len(acc) > 1 else "")
                          + f" ({len(acc)} seed{'s' if len(acc) > 1 else ''})")
+        for t in budgets:
+            mine, ref = by_seed.get((name, t), {}), by_seed.get((lora, t), {})
+            diff = [mine[s] - ref[s] for s in sorted(set(mine) & set(ref))]
+            cells.append(f"{np.mean(diff):+.1f} ± {np.std(diff):.1f} ({len(diff)})" if len(diff) > 1 and name != lora
+                         else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     (RESULTS / "lamda_ablation_table.md").write_text(text)
