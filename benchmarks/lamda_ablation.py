@@ -116,7 +116,10 @@ PLANS: dict[str, list[dict]] = {
     # 7. the activation init across the 10x lr range (lr rule kept), and the longer B phase with 3 seeds
     "after": _grid((100,), (0,), [dict(lr=3e-4, lr_S=3e-3, init="activations"),
                                   dict(lr=3e-3, lr_S=3e-2, init="activations")])
-    + _grid((100,), (1, 2), [dict(lr_S=1e-2, freeze_ratio=0.7)]),
+    + _grid((100,), (1, 2), [dict(lr_S=1e-2, freeze_ratio=0.7)])
+    # 8. at 400 steps both inits sit ~4 points under LoRA: is it the freezing of B there too?
+    + _grid((400,), (0,), [dict(lr_S=1e-2, freeze_ratio=None), dict(lr_S=1e-2, freeze_ratio=0.7)])
+    + _grid((400,), (1, 2), [dict(lr_S=1e-2, freeze_ratio=None)]),
 }
 
 
