@@ -73,8 +73,8 @@ def input_second_moments(model: nn.Module, layers: Mapping[str, nn.Module], data
     in eval mode without gradients; its mode is restored afterwards."""
     from tqdm.auto import tqdm
 
-    grams = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.get_base_layer().weight.device)
-             for name, m in layers.items()}
+    grams = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64,
+                               device=m.get_base_layer().weight.device) for name, m in layers.items()}
     counts = dict.fromkeys(layers, 0)
     mask: dict[str, Optional[torch.Tensor]] = {"attention_mask": None}
 
@@ -95,7 +95,8 @@ def input_second_moments(model: nn.Module, layers: Mapping[str, nn.Module], data
             if seen == num_batches:
                 break
             if not isinstance(batch, Mapping):
-                raise TypeError(f"the dataloader must yield dicts of tensors (a collator's output), got {type(batch).__name__}")
+                raise TypeError("the dataloader must yield dicts of tensors (a collator's output), got "
+                                f"{type(batch).__name__}")
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             mask["attention_mask"] = batch["attention_mask"].bool() if "attention_mask" in batch else None
             forward_fn(model, batch)
@@ -141,7 +142,8 @@ def initialize_from_activations(model: nn.Module, dataloader: Iterable, *, num_b
         raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
     configs = getattr(model, "peft_config", None)
     if not configs:
-        raise ValueError("initialize_from_activations needs a PEFT model: call peft.get_peft_model(base, LamdaConfig(...)) first")
+        raise ValueError("initialize_from_activations needs a PEFT model: call "
+                         "peft.get_peft_model(base, LamdaConfig(init='activations', ...)) first")
     if adapter_name is None:
         active = list(getattr(model, "active_adapters", []))
         if len(active) != 1:
@@ -161,7 +163,8 @@ def initialize_from_activations(model: nn.Module, dataloader: Iterable, *, num_b
         if counts[name] < r:
             raise ValueError(f"{name} saw {counts[name]} input rows in {num_batches} batches, fewer than its rank "
                              f"r={r}: its principal directions are undetermined; pass more (or longer) batches")
-        factors = activation_factors(grams[name], weight_as_out_in(layer.get_base_layer()), r, layer.scaling[adapter_name])
+        weight = weight_as_out_in(layer.get_base_layer())
+        factors = activation_factors(grams[name], weight, r, layer.scaling[adapter_name])
         with torch.no_grad():
             for container, value in factors.items():
                 getattr(layer, container)[adapter_name].copy_(value)
