@@ -124,7 +124,8 @@ PLANS: dict[str, list[dict]] = {
     #    is S's 10x multiplier (tuned on the spectral A) what makes lr 3e-3 collapse?
     "after2": _grid((100,), (0,), [dict(init="activations"), dict(lr=3e-3, init="activations")]),
     # 9. exploratory: the two best settings together (activation A, B frozen over the first 70%), seed 0
-    "combined": _grid((100, 400), (0,), [dict(lr_S=1e-2, init="activations", freeze_ratio=0.7)]),
+    "combined": _grid((100, 400), (0,), [dict(lr_S=1e-2, init="activations", freeze_ratio=0.7)])
+    + _grid((400,), (1, 2), [dict(lr_S=1e-2, init="activations", freeze_ratio=0.7)]),
 }
 
 
