@@ -13,8 +13,9 @@ and a seed. The knobs (each defaults to the committed LaMDA/CLI setting):
     init                      spectral (paper: top-r SVD, S = I), spectral_zero (S = 0), random (random A, B = 0),
                               activations (A spans the top-r principal directions of the layer's input activations
                               over 8 calibration batches of 16 training sentences, ~1,700 tokens, scaled like
-                              spectral; lamda_peft.initialize_from_activations. The first runs in the log used a
-                              prototype in this script with the same math: factors equal to 4e-12)
+                              spectral; lamda_peft.initialize_from_activations. The runs of plans gap and
+                              confirm400 used a prototype in this script with the same math, factors equal to
+                              4e-12; plans after, after2 and combined the library function)
     subspace                  top (paper), minor (the r smallest singular directions; ablation only)
 
     python benchmarks/lamda_ablation.py --plan diagnose           # the cells of one plan (see PLANS)
