@@ -6,15 +6,22 @@ and a seed. The knobs (each defaults to the committed LaMDA/CLI setting):
 
     lr, lr_S, lr_B, lr_head   per-group learning rates (lamda_peft.optim.lamda_param_groups); None = lr (not the
                               library's default multipliers: the ablation's reference is one lr for everything)
-    freeze_ratio              fraction of the steps over which B freezes (1.0: B trains to the end)
+    freeze_ratio              fraction of the steps over which B freezes column by column (1.0: the last column
+                              freezes at the last step, so on average half of B is frozen; None: no freezing at all)
     warmup                    warmup fraction of the steps (the CLI uses 0.06)
     alpha                     lora_alpha (s = alpha / r; the CLI uses 2 r); "rs" prefix: rsLoRA, alpha * sqrt(r)
-    init                      spectral (paper: top-r SVD, S = I), spectral_zero (S = 0), random (random A, B = 0)
+    init                      spectral (paper: top-r SVD, S = I), spectral_zero (S = 0), random (random A, B = 0),
+                              activations (A spans the top-r principal directions of the layer's input activations
+                              over 8 calibration batches of 16 training sentences, ~1,700 tokens, scaled like
+                              spectral; lamda_peft.initialize_from_activations. The runs of plans gap and
+                              confirm400 used a prototype in this script with the same math, factors equal to
+                              4e-12; plans after, after2 and combined the library function)
     subspace                  top (paper), minor (the r smallest singular directions; ablation only)
 
     python benchmarks/lamda_ablation.py --plan diagnose           # the cells of one plan (see PLANS)
     python benchmarks/lamda_ablation.py --plan diagnose --shard 1/2   # half of them (run two processes)
     python benchmarks/lamda_ablation.py --report                  # table + plot from the log only
+    python benchmarks/lamda_ablation.py --subspace-energy         # input energy in span(A): spectral vs activations
 
 Every finished run is appended to docs/results/lamda_ablation_runs.jsonl; a rerun skips the cells already there.
 """
@@ -42,6 +49,7 @@ from lamda_peft.cli.eval import collator_for, evaluate, load_base  # noqa: E402
 from lamda_peft.data import infer_spec  # noqa: E402
 from lamda_peft.models import minilm_path  # noqa: E402
 from lamda_peft.optim import describe_groups, lamda_param_groups  # noqa: E402
+from lamda_peft.tuners.lamda.activations import initialize_from_activations  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"
 LOG = RESULTS / "lamda_ablation_runs.jsonl"
@@ -87,6 +95,38 @@ PLANS: dict[str, list[dict]] = {
     "default_c": _grid((100,), (1,), [dict()]) + _grid((100,), (2,), [dict(lr_S=1e-2)])
     + _grid((100,), (0, 1, 2), [dict(method="lora")])
     + _grid((400,), (0,), [dict(lr_S=1e-2)]),
+    # 5. (session 2) which part of the gap to LoRA is B's freezing, B's lr, or A's subspace. Seed 0 of every variant
+    #    first, so that a line of inquiry can stop after one seed. Default now: lr_S = 10 lr, B and head at lr.
+    #    freeze_ratio=1.0 still freezes B gradually (all of it at the last step); None = B never frozen.
+    "gap": _grid((100,), (0,), [
+        dict(lr_S=1e-2, freeze_ratio=None),                     # B never frozen, lr_B = lr
+        dict(lr_S=1e-2, lr_B=3e-3, freeze_ratio=None),          # B never frozen, lr_B = 3 lr
+        dict(method="lora-fa"),                                  # random frozen A, B trained at lr (reference)
+        dict(lr_S=1e-2, init="random", freeze_ratio=None),      # LoRA-FA + S: random A, B = 0, never frozen
+        dict(lr_S=1e-2, init="activations"),                    # activation subspace, default schedule
+        dict(lr_S=1e-2, init="activations", freeze_ratio=None),
+        dict(lr_S=1e-2, freeze_ratio=0.5), dict(lr_S=1e-2, freeze_ratio=0.7),  # a longer B phase
+        dict(lr_S=1e-2, freeze_ratio=1.0)])
+    # seeds 1, 2 only where a conclusion rests on it (lr_B = 3 lr collapsed; the freeze ratios did not help at seed 0)
+    + _grid((100,), (1, 2), [dict(lr_S=1e-2, init="activations"), dict(lr_S=1e-2, freeze_ratio=None),
+                             dict(method="lora-fa"), dict(lr_S=1e-2, init="random", freeze_ratio=None),
+                             dict(lr_S=1e-2, init="activations", freeze_ratio=None)]),
+    # 6. the winner at 400 steps (3 seeds), with LoRA and the spectral default (seed 0 of both ran in default_c/rule_b)
+    "confirm400": _grid((400,), (0, 1, 2), [dict(lr_S=1e-2, init="activations"), dict(method="lora"),
+                                            dict(lr_S=1e-2)]),
+    # 7. the activation init across the 10x lr range (lr rule kept); at 400 steps both inits sit ~4 points under
+    #    LoRA: is it the freezing of B there too?; the longer B phase with 3 seeds (in order of priority)
+    "after": _grid((100,), (0,), [dict(lr=3e-4, lr_S=3e-3, init="activations"),
+                                  dict(lr=3e-3, lr_S=3e-2, init="activations")])
+    + _grid((400,), (0,), [dict(lr_S=1e-2, freeze_ratio=None)])
+    + _grid((100,), (1, 2), [dict(lr_S=1e-2, freeze_ratio=0.7)])
+    + _grid((400,), (0, 1, 2), [dict(lr_S=1e-2, freeze_ratio=0.7)]),  # (B never frozen at 400 steps: seed 0 only)
+    # 8. the activation A carries 2-90x more of the input than the spectral one, so S's step moves the output more:
+    #    is S's 10x multiplier (tuned on the spectral A) what makes lr 3e-3 collapse?
+    "after2": _grid((100,), (0,), [dict(init="activations"), dict(lr=3e-3, init="activations")]),
+    # 9. exploratory: the two best settings together (activation A, B frozen over the first 70%), seed 0
+    "combined": _grid((100, 400), (0,), [dict(lr_S=1e-2, init="activations", freeze_ratio=0.7)])
+    + _grid((400,), (1, 2), [dict(lr_S=1e-2, init="activations", freeze_ratio=0.7)]),
 }
 
 
@@ -107,7 +147,8 @@ def _lamda_config(c: dict, task_type):
     if c["method"] == "lora-fa":
         return LoraFAConfig(**common)
     extra = {"rank_allocation": "energy"} if c["method"] == "lamda++" else {}
-    return LamdaConfig(**common, init=c["init"], freeze_ratio=c["freeze_ratio"], **extra)
+    freeze_ratio = 1.0 if c["freeze_ratio"] is None else c["freeze_ratio"]  # None: no LamdaCallback (see one_run)
+    return LamdaConfig(**common, init=c["init"], freeze_ratio=freeze_ratio, **extra)
 
 
 @torch.no_grad()
@@ -129,6 +170,11 @@ def _use_minor_subspace(model) -> None:
             layer.lamda_B0S0[adapter].copy_(layer.lamda_B[adapter])
 
 
+def _calibration_batches(dataset, collate, seed: int, num_batches: int = 8, size: int = 16) -> list[dict]:
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[: num_batches * size].tolist()
+    return [collate([dataset[i] for i in order[j:j + size]]) for j in range(0, len(order), size)]
+
+
 def one_run(c: dict, data) -> dict:
     from peft import TaskType, get_peft_model
     from transformers import Trainer, TrainingArguments
@@ -142,6 +188,9 @@ def one_run(c: dict, data) -> dict:
     model = get_peft_model(model, _lamda_config(c, TaskType.SEQ_CLS))
     if c["subspace"] == "minor":
         _use_minor_subspace(model)
+    if c["init"] == "activations":  # 8 seeded batches of 16 training sentences
+        batches = _calibration_batches(spec.encode(train, tokenizer), collator_for(spec, tokenizer), c["seed"])
+        initialize_from_activations(model, batches, num_batches=len(batches))
     # None = lr: the ablation's baseline is one lr for everything (the library's default multipliers may differ)
     groups = lamda_param_groups(model, c["lr"], **{k: c[k] or c["lr"] for k in ("lr_S", "lr_B", "lr_head")})
     optimizer = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=0.0)
@@ -151,7 +200,8 @@ def one_run(c: dict, data) -> dict:
         warmup_steps=int(c["warmup"] * steps), weight_decay=0.0, logging_steps=max(1, steps // 20),
         eval_strategy="no", save_strategy="no", report_to="none", seed=c["seed"], data_seed=c["seed"], use_cpu=True,
         dataloader_num_workers=0, disable_tqdm=True)
-    callbacks = [LamdaCallback()] if c["method"] in ("lamda", "lamda++") else []
+    freezes = c["method"] in ("lamda", "lamda++") and c["freeze_ratio"] is not None
+    callbacks = [LamdaCallback()] if freezes else []
     trainer = Trainer(model=model, args=args, train_dataset=spec.encode(train, tokenizer),
                       data_collator=collator_for(spec, tokenizer), optimizers=(optimizer, None), callbacks=callbacks)
     began = time.time()
@@ -225,6 +275,44 @@ def step_sizes(lr: float = 1e-3) -> dict:
     return result
 
 
+# ------------------------------------------------------------------------------------------------ subspace energy
+
+
+def subspace_energy(r: int = R) -> dict:
+    """How much of each layer's input lies in span(A): tr(P G P) / tr(G), with G = X^T X over 128 training sentences
+    *not* used for the calibration (seeded differently), for the spectral A and the activation A (calibrated on the
+    ablation's batches of seed 0); and the overlap of the two subspaces, ||P_spec P_act||_F^2 / r. A random
+    r-dimensional subspace holds r / d_in of the energy on average (8/384 = 2.1%, 8/1536 = 0.5%)."""
+    from peft import TaskType, get_peft_model
+
+    from lamda_peft import LamdaConfig, LamdaLayer
+    from lamda_peft.tuners.lamda.activations import input_second_moments
+
+    train, _, _ = split("SST-2", 2000, 300)
+    spec = infer_spec(train, train, **TASKS["SST-2"][1], max_length=64)
+    torch.manual_seed(0)
+    model, tokenizer = load_base(minilm_path(), spec.task, 2)
+    model = get_peft_model(model, LamdaConfig(r=r, lora_alpha=2 * r, target_modules="all-linear",
+                                              task_type=TaskType.SEQ_CLS))
+    encoded, collate = spec.encode(train, tokenizer), collator_for(spec, tokenizer)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LamdaLayer)}
+    calibration, _ = input_second_moments(model, layers, _calibration_batches(encoded, collate, 0), num_batches=8)
+    held_out, _ = input_second_moments(model, layers, _calibration_batches(encoded, collate, 99), num_batches=8)
+    by_kind: dict[str, list[tuple[float, float, float]]] = {}
+    for name, layer in layers.items():
+        spectral = torch.linalg.qr(layer.lamda_A["default"].double().T).Q  # (d_in, r) orthonormal basis of span(A)
+        activations = torch.linalg.eigh(calibration[name]).eigenvectors[:, -r:]
+        G = held_out[name]
+        energy = lambda P: float(torch.trace(P.T @ G @ P) / torch.trace(G))
+        by_kind.setdefault(_kind(name), []).append(
+            (energy(spectral), energy(activations), float((spectral.T @ activations).square().sum()) / r))
+    result = {kind: {"modules": len(v), "median_input_energy_in_span_A_spectral": float(np.median([x[0] for x in v])),
+                     "median_input_energy_in_span_A_activations": float(np.median([x[1] for x in v])),
+                     "median_subspace_overlap": float(np.median([x[2] for x in v]))} for kind, v in by_kind.items()}
+    (RESULTS / "lamda_ablation_subspace.json").write_text(json.dumps({"r": r, "by_kind": result}, indent=2) + "\n")
+    return result
+
+
 # ------------------------------------------------------------------------------------------------ log and report
 
 
@@ -247,20 +335,31 @@ def label(c: dict) -> str:
 
 
 def report(runs: list[dict]) -> str:
-    """Dev accuracy per (settings, steps): mean ± std over seeds, with the number of seeds."""
+    """Dev accuracy per (settings, steps): mean ± std over seeds, with the number of seeds; then, per budget, the
+    difference to LoRA (lr 1e-3) paired by seed, over the seeds both have (2 or more)."""
     table: dict[str, dict[int, list[float]]] = {}
+    by_seed: dict[tuple[str, int], dict[int, float]] = {}
     for run in runs:
-        table.setdefault(label(run), {}).setdefault(run["steps"], []).append(100 * run["dev"]["accuracy"])
+        acc = 100 * run["dev"]["accuracy"]
+        table.setdefault(label(run), {}).setdefault(run["steps"], []).append(acc)
+        by_seed.setdefault((label(run), run["steps"]), {})[run["seed"]] = acc
     budgets = sorted({run["steps"] for run in runs})
     lines = ["| settings (differences from: lr 1e-3 for every group, freeze_ratio 0.3, warmup 6%, alpha 16, "
-             "spectral init, top-r subspace) | " + " | ".join(f"{t} steps" for t in budgets) + " |",
-             "|---|" + "---|" * len(budgets)]
+             "spectral init, top-r subspace) | " + " | ".join(f"{t} steps" for t in budgets)
+             + " | " + " | ".join(f"{t} steps, minus LoRA (paired)" for t in budgets) + " |",
+             "|---|" + "---|" * 2 * len(budgets)]
+    lora = label(cell(method="lora"))
     for name, by_steps in table.items():
         cells = []
         for t in budgets:
             acc = by_steps.get(t)
             cells.append("-" if not acc else f"{np.mean(acc):.1f}" + (f" ± {np.std(acc):.1f}" if len(acc) > 1 else "")
                          + f" ({len(acc)} seed{'s' if len(acc) > 1 else ''})")
+        for t in budgets:
+            mine, ref = by_seed.get((name, t), {}), by_seed.get((lora, t), {})
+            diff = [mine[s] - ref[s] for s in sorted(set(mine) & set(ref))]
+            cells.append(f"{np.mean(diff):+.1f} ± {np.std(diff):.1f} ({len(diff)})" if len(diff) > 1 and name != lora
+                         else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     (RESULTS / "lamda_ablation_table.md").write_text(text)
@@ -301,9 +400,14 @@ def main() -> None:
     p.add_argument("--shard", default="1/1", help="i/n: run every n-th cell starting at the i-th (two processes)")
     p.add_argument("--report", action="store_true", help="only rebuild the table and plot from the log")
     p.add_argument("--step-sizes", action="store_true", help="only measure one Adam step per role (seconds)")
+    p.add_argument("--subspace-energy", action="store_true",
+                   help="only measure the input energy in span(A), spectral vs activation init (seconds)")
     opts = p.parse_args()
     if opts.step_sizes:
         print(json.dumps(step_sizes(), indent=1))
+        return
+    if opts.subspace_energy:
+        print(json.dumps(subspace_energy(), indent=1))
         return
     i, n = (int(x) for x in opts.shard.split("/"))
     if not opts.report:

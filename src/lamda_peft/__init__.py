@@ -12,6 +12,7 @@ from .export import export_lora
 from .freezing import PMBFreezer, attach_freezing, freeze_count
 from .optim import lamda_param_groups
 from .tuners.lamda import LamdaConfig, LamdaLayer, LamdaModel
+from .tuners.lamda.activations import initialize_from_activations
 from .tuners.lora_fa import LoraFAConfig, LoraFALayer, LoraFAModel
 
 __version__ = "0.1.0"
@@ -31,5 +32,6 @@ __all__ = [
     "LoraFALayer",
     "LoraFAModel",
     "export_lora",
+    "initialize_from_activations",
     "lamda_param_groups",
 ]

@@ -100,8 +100,9 @@ class LowRankDeltaTuner(BaseTuner):
 
 
 def _needs_spectral_init(config: Any, state_dict: Optional[dict]) -> bool:
-    """A fresh adapter whose layers will decompose their weights now (not LoRA-FA, not random, not a reload)."""
-    return getattr(config, "init", "random") != "random" and state_dict is None and not is_loaded_from_checkpoint(config)
+    """A fresh adapter whose layers will decompose their weights now (not LoRA-FA, random, activations, a reload)."""
+    spectral = getattr(config, "init", "random") in ("spectral", "spectral_zero")
+    return spectral and state_dict is None and not is_loaded_from_checkpoint(config)
 
 
 def prefetch_decompositions(config: Any, modules: dict[str, nn.Module]) -> dict[str, TopSVD]:

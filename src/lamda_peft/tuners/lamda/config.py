@@ -13,7 +13,7 @@ from ..validation import check_common_fields
 
 LAMDA = peft_type("LAMDA")
 
-INITS = ("spectral", "spectral_zero", "random")
+INITS = ("spectral", "spectral_zero", "random", "activations")
 SVD_METHODS = ("exact", "randomized")
 FREEZE_ORDERS = ("largest_first", "smallest_first")
 RANK_ALLOCATIONS = ("uniform", "energy")
@@ -37,9 +37,11 @@ class LamdaConfig(PeftConfig):
         default=None, metadata={"help": "Module names, a regex, or 'all-linear' (as in PEFT)."}
     )
     exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to skip."})
-    init: Literal["spectral", "spectral_zero", "random"] = field(
+    init: Literal["spectral", "spectral_zero", "random", "activations"] = field(
         default="spectral",
-        metadata={"help": "'spectral' (S=I, top-r SVD factors), 'spectral_zero' (S=0), 'random' (random A, B=0)."},
+        metadata={"help": "'spectral' (S=I, top-r SVD factors), 'spectral_zero' (S=0), 'random' (random A, B=0), "
+                          "'activations' (A spans the top-r principal directions of the layer's inputs; needs "
+                          "lamda_peft.initialize_from_activations(model, dataloader) before training)."},
     )
     svd_method: Literal["exact", "randomized"] = field(
         default="exact", metadata={"help": "'exact' SVD, or 'randomized' (seeded, with svd_niter power iterations)."}

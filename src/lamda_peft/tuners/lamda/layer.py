@@ -24,6 +24,7 @@ from ...spectral import TopSVD, kaiming_uniform_factor, spectral_factors, top_sv
 from ..base_layer import LowRankDeltaLayer
 from ..quantized import factor_dtype
 from ..delta import weight_as_out_in
+from .activations import INIT as ACTIVATIONS, check_initialized
 from .config import LamdaConfig
 
 
@@ -43,6 +44,9 @@ class LamdaLinear(LowRankDeltaLayer):
         self.lamda_S = nn.ParameterDict({})
         self.lamda_B = nn.ParameterDict({})
         self.lamda_dropout = nn.ModuleDict({})
+        # Adapters with init="activations" holding placeholders until initialize_from_activations runs.
+        self.awaiting_activations: set[str] = set()
+        self.register_state_dict_pre_hook(_refuse_placeholders_in_state_dict)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, r, lora_alpha, module_name=module_name, defer_init=defer_init, svd=svd)
 
@@ -71,13 +75,26 @@ class LamdaLinear(LowRankDeltaLayer):
         self.lamda_S[adapter_name] = nn.Parameter(torch.zeros(r, r, **f32))
         self.lamda_B[adapter_name] = nn.Parameter(torch.zeros(d_out, r, **f32))
         # A partial of a bound method, not a closure, so that a model with a deferred init still pickles.
-        init_fn = functools.partial(self._initial_factors, config, r, self.scaling[adapter_name], module_name, svd)
+        init_fn = functools.partial(self._initial_factors, adapter_name, config, r, self.scaling[adapter_name],
+                                    module_name, svd)
         self._assign_factors(adapter_name, init_fn, defer=self._defer_until_weights(defer_init))
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    def _initial_factors(self, config: LamdaConfig, r: int, scaling: float, module_name: str,
+    def _initial_factors(self, adapter_name: str, config: LamdaConfig, r: int, scaling: float, module_name: str,
                          svd: Optional[TopSVD]) -> dict[str, torch.Tensor]:
+        if config.init == ACTIVATIONS:  # runs only for a fresh adapter: a loaded one takes the checkpoint's factors
+            self.awaiting_activations.add(adapter_name)
         return initial_factors(self.get_base_layer(), config, r, scaling, name=module_name, svd=svd)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled() and not self.disable_adapters:
+            for adapter in self.active_adapters:
+                check_initialized(self, adapter, "train")
+        return super().forward(x, *args, **kwargs)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.awaiting_activations.discard(adapter_name)
 
     def __repr__(self) -> str:
         return "lamda." + super().__repr__()
@@ -95,11 +112,16 @@ def initial_factors(base: nn.Module, config: LamdaConfig, r: int, scaling: float
     spectral:      A, B from the top-r SVD, S = I, B0S0 = B   (so s B0 S0 A is W0's top-r part)
     spectral_zero: A, B from the top-r SVD, S = 0, B0S0 = 0
     random:        A Kaiming-uniform, B = 0, S = I, B0S0 = 0
+    activations:   placeholders A = 0, B = 0, S = I, B0S0 = 0 until initialize_from_activations (activations.py)
     """
     weight = weight_as_out_in(base)
     d_out, d_in = weight.shape
     eye = torch.eye(r, dtype=torch.float32)
-    if config.init == "random":
+    if config.init == ACTIVATIONS:
+        A = torch.zeros(r, d_in)
+        B = B0S0 = torch.zeros(d_out, r)
+        S = eye
+    elif config.init == "random":
         A = kaiming_uniform_factor(r, d_in)
         B = B0S0 = torch.zeros(d_out, r)
         S = eye
@@ -114,3 +136,9 @@ def initial_factors(base: nn.Module, config: LamdaConfig, r: int, scaling: float
     if is_zero3_param(base.weight):  # ranks decomposed the same gathered weight; make them agree bit for bit
         factors = broadcast_from_first_rank(factors)
     return factors
+
+
+def _refuse_placeholders_in_state_dict(module: LamdaLinear, prefix: str, keep_vars: bool) -> None:
+    """state_dict pre-hook (after the deferred-init one): an activation init that has not run must not be saved."""
+    for adapter in module.awaiting_activations:
+        check_initialized(module, adapter, "be saved (its factors are placeholders)")
