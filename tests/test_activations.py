@@ -151,3 +151,16 @@ def test_bad_calls_are_refused():
         initialize_from_activations(_model(), [one], show_progress_bar=False)
     with pytest.raises(ValueError, match="PEFT model"):
         initialize_from_activations(make_tiny_llama(), _batches())
+
+
+@pytest.mark.distributed
+def test_data_parallel_ranks_get_the_same_factors_as_one_process_on_all_batches():
+    """Each of 2 ranks calibrates on its own batches: the grams are summed over ranks, rank 0's factors broadcast,
+    so A and B0S0 are identical on both and equal (sign-free: s B0S0 A) to one process seeing every batch."""
+    from pathlib import Path
+
+    from conftest import run_two_ranks
+
+    result = run_two_ranks(Path(__file__).resolve().parent / "activations_dist_worker.py", port=29661, timeout=240)
+    assert result["layers"] == 14 and result["ranks_equal"]
+    assert result["max_diff_to_single_process"] < 1e-5

@@ -30,8 +30,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from ...integrations.deepspeed import broadcast_from_first_rank
 from ..delta import weight_as_out_in
 
 INIT = "activations"
@@ -133,8 +135,12 @@ def initialize_from_activations(model: nn.Module, dataloader: Iterable, *, num_b
         forward_fn: ``forward_fn(model, batch)`` runs one batch (default ``model(**batch)`` without labels).
         show_progress_bar: None shows it on a terminal only.
 
-    Raises ValueError for a model without such an adapter, an empty dataloader, or a layer that saw fewer token rows
-    than its rank (use more or longer batches); distributed (sharded) models are not supported.
+    Data parallel (DDP, ZeRO; ``torch.distributed`` initialized): call it on every rank with each rank's own
+    batches; the second moments are summed over the ranks and rank 0's factors broadcast, so every rank gets the
+    same A (collectives). A model already sharded by FSDP2 is refused: initialize before sharding.
+
+    Raises ValueError for a model without such an adapter, an empty dataloader, a layer that saw fewer token rows
+    than its rank (use more or longer batches), or an FSDP2-sharded weight.
     """
     from .layer import LamdaLayer
 
@@ -156,8 +162,19 @@ def initialize_from_activations(model: nn.Module, dataloader: Iterable, *, num_b
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LamdaLayer) and adapter_name in m.r}
     for layer in layers.values():
         layer.materialize()  # a deferred init (a config read from disk, nothing loaded) runs first: placeholders
+    sharded = [name for name, m in layers.items() if callable(getattr(m.get_base_layer().weight, "to_local", None))]
+    if sharded:
+        raise ValueError(f"{sharded[0]} has a sharded (FSDP2) weight: run initialize_from_activations before sharding "
+                         "(fully_shard / accelerator.prepare), on every rank")
     grams, counts = input_second_moments(model, layers, dataloader, num_batches=num_batches, forward_fn=forward_fn,
                                          show_progress_bar=show_progress_bar)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed:  # data parallel: every rank saw its own batches; all ranks must get the same A (collectives)
+        for name in layers:
+            dist.all_reduce(grams[name])
+            seen = torch.tensor([counts[name]], dtype=torch.float64, device=grams[name].device)
+            dist.all_reduce(seen)
+            counts[name] = int(seen.item())
     for name, layer in layers.items():
         r = layer.r[adapter_name]
         if counts[name] < r:
@@ -165,6 +182,8 @@ def initialize_from_activations(model: nn.Module, dataloader: Iterable, *, num_b
                              f"r={r}: its principal directions are undetermined; pass more (or longer) batches")
         weight = weight_as_out_in(layer.get_base_layer())
         factors = activation_factors(grams[name], weight, r, layer.scaling[adapter_name])
+        if distributed:  # the same gram on every rank; rank 0's factors make them agree bit for bit
+            factors = broadcast_from_first_rank(factors)
         with torch.no_grad():
             for container, value in factors.items():
                 getattr(layer, container)[adapter_name].copy_(value)
