@@ -135,7 +135,7 @@ def initialize_from_activations(model: nn.Module, dataloader: Iterable, *, num_b
         forward_fn: ``forward_fn(model, batch)`` runs one batch (default ``model(**batch)`` without labels).
         show_progress_bar: None shows it on a terminal only.
 
-    Data parallel (DDP, ZeRO; ``torch.distributed`` initialized): call it on every rank with each rank's own
+    Data parallel (DDP; ``torch.distributed`` initialized; not tested under ZeRO): call it on every rank with its own
     batches; the second moments are summed over the ranks and rank 0's factors broadcast, so every rank gets the
     same A (collectives). A model already sharded by FSDP2 is refused: initialize before sharding.
 
