@@ -74,6 +74,39 @@ def test_classification_train_then_eval(sst2, minilm_path, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_activation_init_from_the_command_line(sst2, minilm_path, tmp_path, capsys):
+    """``--init activations`` calibrates on training batches before training: recorded in the run and the adapter's
+    config, A is not the spectral A, and eval reloads the adapter to the same metrics."""
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+
+    from lamda_peft import LamdaConfig
+    from lamda_peft.cli.eval import load_base
+
+    out = tmp_path / "run"
+    train, dev = sst2
+    assert main(["train", "--train-file", str(train), "--validation-file", str(dev), "--model", minilm_path,
+                 "--method", "lamda", "--init", "activations", "--target-modules", "query", "value",
+                 "--output-dir", str(out), *FAST]) == 0
+    assert "activation init: A from the inputs of 8 training batches" in capsys.readouterr().out
+    run = read_run(out)
+    assert run["config"]["init"] == "activations"
+    assert json.loads((out / "adapter_config.json").read_text())["init"] == "activations"
+    saved = {k: v for k, v in load_file(out / "adapter_model.safetensors").items() if k.endswith("lamda_A")}
+    base, _ = load_base(minilm_path, "classification", 2)
+    spectral = get_peft_model(base, LamdaConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
+    spectral_a = {k: v for k, v in spectral.state_dict().items() if k.endswith("lamda_A.default")}
+    assert len(saved) == len(spectral_a) == 12
+    for (_, a), (_, b) in zip(sorted(saved.items()), sorted(spectral_a.items())):
+        overlap = torch.linalg.svdvals(torch.linalg.qr(a.T.double())[0].T @ torch.linalg.qr(b.T.double())[0])
+        assert overlap.max() < 0.999  # another subspace, not the top-r singular directions of W
+    assert main(["eval", "--adapter", str(out), "--output", str(tmp_path / "eval.json")]) == 0
+    again = json.loads((tmp_path / "eval.json").read_text())
+    assert again["accuracy"] == pytest.approx(run["validation"]["accuracy"], abs=1e-6)
+    assert again["loss"] == pytest.approx(run["validation"]["loss"], abs=1e-5)
+
+
+@pytest.mark.slow
 def test_regression_with_lora(glue_dir, minilm_path, tmp_path):
     train = slice_tsv(glue_dir / "STS-B" / "train.tsv", tmp_path / "train.tsv", 64)
     dev = slice_tsv(glue_dir / "STS-B" / "dev.tsv", tmp_path / "dev.tsv", 32)
@@ -145,6 +178,8 @@ def test_bad_inputs_exit_2_and_write_nothing(sst2, glue_dir, tmp_path, capsys):
     bad(["train", *data, "--epochs", "1", "--max-steps", "2"], capsys, "not both")
     bad(["train", *data, "--method", "lora", "--lr-S", "1e-2"], capsys, "--lr-S apply to --method lamda")
     bad(["train", *data, "--lr-head", "-1"], capsys, "--lr-head must be a positive")
+    bad(["train", *data, "--method", "lora", "--init", "activations"], capsys, "--init apply to --method lamda")
+    bad(["train", *data, "--method", "lora-fa", "--freeze-ratio", "0.5"], capsys, "--freeze-ratio apply to")
     bad(["train", "--validation-file", str(dev)], capsys, "needs --train-file")
     bad(["train", *data, "--dataset", "glue"], capsys, "not both")
     if not torch.cuda.is_available():

@@ -71,7 +71,8 @@ def load_tables(args: argparse.Namespace) -> tuple[Table, Table, str]:
             name_of_data(path=args.train_file))
 
 
-def peft_config(method: str, r: int, alpha: float, targets: Any, task: str, freeze_ratio: Optional[float]):
+def peft_config(method: str, r: int, alpha: float, targets: Any, task: str, freeze_ratio: Optional[float],
+                init: Optional[str] = None):
     """The PEFT config of ``method`` (None for full fine-tuning); the same rank, alpha and targets for all."""
     from peft import LoraConfig, TaskType
 
@@ -87,6 +88,8 @@ def peft_config(method: str, r: int, alpha: float, targets: Any, task: str, free
         return LoraFAConfig(**common)
     if method in ("lamda", "lamda++"):
         extra = {} if freeze_ratio is None else {"freeze_ratio": freeze_ratio}
+        if init is not None:
+            extra["init"] = init
         if method == "lamda++":
             if "rank_allocation" not in {f.name for f in dataclasses.fields(LamdaConfig)}:
                 raise UsageError("--method lamda++ needs LamdaConfig.rank_allocation, missing in this version")
@@ -107,6 +110,7 @@ def run_config(args: argparse.Namespace, spec: DataSpec, data_name: str) -> dict
         "validation_file": str(Path(args.validation_file).resolve()) if args.validation_file else None,
         "no_header": args.no_header, **dataclasses.asdict(spec), **given_lr_options(args),
         **({"regression_bias": args.regression_bias} if args.regression_bias else {}),
+        **({"init": args.init} if args.init else {}),
         "gradient_accumulation_steps": args.gradient_accumulation_steps, "weight_decay": args.weight_decay,
         "warmup_ratio": args.warmup_ratio, "lr_scheduler": args.lr_scheduler, "bf16": args.bf16, "fp16": args.fp16,
         "dataset_config": args.dataset_config, "train_split": args.train_split if args.dataset else None,
@@ -153,6 +157,20 @@ def check_rank(model: torch.nn.Module, peft_cfg: Any, r: int) -> None:
         name, limit = min(over.items(), key=lambda item: item[1])
         raise UsageError(f"--r {r} exceeds min(d_in, d_out) = {limit} of {len(over)} target module(s) (e.g. {name}); "
                          f"pass --r {min(limits.values())} or smaller, or --target-modules without them")
+
+
+def calibrate_on_activations(model: torch.nn.Module, spec: DataSpec, tokenizer: Any, train_ds: Any,
+                             args: argparse.Namespace, num_batches: int = 8) -> None:
+    """``--init activations``: A from each layer's inputs over the first ``num_batches`` shuffled training batches
+    (seeded with --seed), collated as the Trainer will collate them."""
+    from .. import initialize_from_activations
+    from .eval import collator_for
+
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=True,
+                                         collate_fn=collator_for(spec, tokenizer),
+                                         generator=torch.Generator().manual_seed(args.seed))
+    initialize_from_activations(model, loader, num_batches=min(num_batches, len(loader)))
+    print(f"activation init: A from the inputs of {min(num_batches, len(loader))} training batches")
 
 
 def resolve_model_path(name: str) -> str:
@@ -213,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     if data_name == BBC_NEWS and args.task not in (None, "classification"):
         raise UsageError("the BBC News demo is a classification task; pass --train-file for other tasks")
-    peft_cfg = peft_config(args.method, args.r, args.lora_alpha, targets, spec.task, args.freeze_ratio)
+    peft_cfg = peft_config(args.method, args.r, args.lora_alpha, targets, spec.task, args.freeze_ratio, args.init)
     model_path = resolve_model_path(args.model)
     config = {**run_config(args, spec, data_name), **quantized_base.check(args)}
     out = Path(args.output_dir or Path("runs") / f"{args.method.replace('+', 'p')}-{Path(args.model).name}-{data_name}")
@@ -242,6 +260,8 @@ def run(args: argparse.Namespace) -> int:
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     train_ds, val_ds = spec.encode(train_table, tokenizer), spec.encode(val_table, tokenizer)
+    if args.init == "activations":  # before training (a resumed run then loads its checkpoint's factors over these)
+        calibrate_on_activations(model, spec, tokenizer, train_ds, args)
     params_start = trainable(model)
     total_params = sum(p.numel() for p in model.parameters())
     print(f"{args.method} on {args.model}: {spec.task}, {len(train_ds)} training / {len(val_ds)} validation rows; "

@@ -42,6 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction, run) -> argparse.Argument
     m.add_argument("--lora-alpha", type=float, help="scaling numerator, s = alpha / r (default 2 r)")
     m.add_argument("--target-modules", nargs="+", default=["all-linear"], help="module names or 'all-linear'")
     m.add_argument("--freeze-ratio", type=float, help="LaMDA: fraction of steps over which B freezes (default 0.3)")
+    m.add_argument("--init", choices=("spectral", "activations"),
+                   help="LaMDA: A from the weight's top-r SVD (spectral, the paper's; default) or from the top-r "
+                        "principal directions of each layer's inputs over 8 training batches (activations)")
     quantized_base.add_argument(m)
     t = p.add_argument_group("training")
     t.add_argument("--lr", type=float, help="learning rate (default 1e-3 for adapters, 5e-5 for full)")
@@ -107,6 +110,10 @@ def check_args(args: argparse.Namespace) -> None:
 
         if not torch.cuda.is_available():
             raise UsageError("--fp16 needs a GPU (float16 autocast with loss scaling); on the CPU use --bf16")
+    lamda_only = [flag for flag, value in (("--freeze-ratio", args.freeze_ratio), ("--init", args.init))
+                  if value is not None]
+    if lamda_only and args.method not in ("lamda", "lamda++"):
+        raise UsageError(f"{', '.join(lamda_only)} apply to --method lamda and lamda++ only (got --method {args.method})")
     try:
         check_lr_options(args)
     except ValueError as err:
