@@ -47,18 +47,35 @@ def groups_by_role(groups):
 
 def test_lamda_groups_are_the_registered_containers():
     model = tiny_classifier(lamda())
-    groups = groups_by_role(lamda_param_groups(model, lr=1e-3, lr_S=5e-3, lr_B=2e-4, lr_head=3e-3, weight_decay=0.1))
+    groups = groups_by_role(lamda_param_groups(model, lr=1e-3, lr_S=5e-3, lr_B=2e-4, lr_head=3e-3))
     assert list(groups) == ["lamda_S", "lamda_B", "head"]
     assert {id(p) for p in groups["lamda_S"]["params"]} == container_ids(model, LamdaLayer, "lamda_S")
     assert {id(p) for p in groups["lamda_B"]["params"]} == container_ids(model, LamdaLayer, "lamda_B")
     assert {id(p) for p in groups["head"]["params"]} == head_ids(model)
     assert len(groups["lamda_S"]["params"]) == 11  # 2 layers x (query, value, 3 dense) + the pooler
     assert [groups[k]["lr"] for k in ("lamda_S", "lamda_B", "head")] == [5e-3, 2e-4, 3e-3]
-    assert all(g["weight_decay"] == 0.1 for g in groups.values())
+    assert all(g["weight_decay"] == 0.0 for g in groups.values())
     # every trainable parameter is in exactly one group
     trainable = [p for p in model.parameters() if p.requires_grad]
     grouped = [p for g in groups.values() for p in g["params"]]
     assert len(grouped) == len(trainable) and {id(p) for p in grouped} == {id(p) for p in trainable}
+
+
+def test_weight_decay_spares_biases_and_norms_as_the_trainer_does():
+    """With weight decay, each role's biases and normalization weights get their own group at weight_decay 0: the
+    same split as the transformers Trainer's own AdamW (``Trainer.get_decay_parameter_names``)."""
+    model = tiny_classifier(lamda())
+    groups = lamda_param_groups(model, lr=1e-3, lr_head=3e-3, weight_decay=0.1)
+    assert [(g["role"], g["weight_decay"]) for g in groups] == [
+        ("lamda_S", 0.1), ("lamda_B", 0.1), ("head", 0.1), ("head", 0.0)]
+    assert groups[2]["lr"] == groups[3]["lr"] == 3e-3
+    names = {id(p): n for n, p in model.named_parameters()}
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir="/tmp/unused", report_to=[], use_cpu=True))
+    decayed_by_trainer = set(trainer.get_decay_parameter_names(model))
+    for group in groups:
+        for param in group["params"]:
+            assert (names[id(param)] in decayed_by_trainer) == (group["weight_decay"] > 0), names[id(param)]
+    assert {names[id(p)] for p in groups[3]["params"]} == {"base_model.model.classifier.modules_to_save.default.bias"}
 
 
 def test_defaults_follow_lr():

@@ -74,6 +74,18 @@ def parameter_roles(model: nn.Module) -> dict[int, str]:
     return roles
 
 
+def no_decay_parameters(model: nn.Module) -> set[int]:
+    """{id(parameter)} of the parameters that weight decay leaves alone, as the transformers Trainer does: every
+    module's registered ``bias`` and the parameters of normalization layers (LayerNorm, RMSNorm and the like)."""
+    exempt: set[int] = set()
+    for module in model.modules():
+        norm = isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(("Norm", "LayerNorm"))
+        for name, param in module.named_parameters(recurse=False):
+            if norm or name == "bias":
+                exempt.add(id(param))
+    return exempt
+
+
 def _check_lr(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
@@ -91,12 +103,14 @@ def lamda_param_groups(model: nn.Module, lr: float, *, lr_S: Optional[float] = N
         lr_B: LaMDA's and LoRA-FA's B (d_out x r); default ``lr * LAMDA_LR_B_MULTIPLIER`` for LaMDA, ``lr`` for
             LoRA-FA.
         lr_head: the modules trained in full (``modules_to_save``, e.g. a classification head); default ``lr``.
-        weight_decay: the same decoupled weight decay for every group (frozen B columns are immune: freezing.py
-            restores them after each step).
+        weight_decay: the decoupled weight decay of every group (frozen B columns are immune: freezing.py
+            restores them after each step). Biases and normalization weights (e.g. a head's bias) are exempt, as
+            in the transformers Trainer: with ``weight_decay > 0`` they form a second group of their role with
+            ``weight_decay=0``.
 
     Returns a list of ``{"params": [...], "lr": float, "weight_decay": float, "role": str}`` (roles in the order
-    of ``ROLES``; a role without trainable parameters is left out). Only parameters with
-    ``requires_grad=True`` are included, each once.
+    of ``ROLES``; a role without trainable parameters is left out; a role's exempt parameters follow it in their
+    own group). Only parameters with ``requires_grad=True`` are included, each once.
 
     Raises ValueError on a trainable parameter that belongs to none of the registered containers (e.g. a base weight
     unfrozen by hand): it would otherwise be trained at an unintended rate or silently not at all.
@@ -128,8 +142,15 @@ def lamda_param_groups(model: nn.Module, lr: float, *, lr_S: Optional[float] = N
             "container nor in modules_to_save. Train such a module through the config's modules_to_save, freeze it "
             "(requires_grad_(False)), or add it to the optimizer as a group of your own."
         )
-    return [{"params": params, "lr": lrs[role], "weight_decay": float(weight_decay), "role": role}
-            for role, params in grouped.items() if params]
+    exempt = no_decay_parameters(model) if weight_decay > 0 else set()
+    groups = []
+    for role, params in grouped.items():
+        decayed = [p for p in params if id(p) not in exempt]
+        spared = [p for p in params if id(p) in exempt]
+        for members, decay in ((decayed, float(weight_decay)), (spared, 0.0)):
+            if members:
+                groups.append({"params": members, "lr": lrs[role], "weight_decay": decay, "role": role})
+    return groups
 
 
 def describe_groups(groups: list[dict[str, Any]]) -> str:
