@@ -17,6 +17,7 @@ DeepSpeed is imported only when its optimizer is met.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any, Callable, Optional
 
@@ -102,15 +103,24 @@ def full_master_value(param: torch.nn.Parameter) -> torch.Tensor:
     return value.detach().clone()
 
 
+@functools.lru_cache(maxsize=4096)
+def _frozen_positions(rows: int, r: int, start: int, stop: int, offset: int, n: int) -> torch.Tensor:
+    """Indices i < n of a flat slice starting at ``offset`` of a row-major (rows, r) tensor whose element lies in
+    columns [start, stop). Cached: the same (B, slice, frozen columns) repeats every step until the next freeze."""
+    index = torch.arange(offset, offset + n)
+    column = index % r
+    return (index[(column >= start) & (column < stop)] - offset)
+
+
 def _write_frozen(flat: torch.Tensor, offset: int, snapshot: torch.Tensor, columns: slice) -> None:
     """flat[i] = snapshot.flatten()[offset + i] wherever that element lies in ``columns`` (flat: a 1-D slice of the
     row-major (d_out, r) parameter starting at ``offset``, possibly padded past its end)."""
-    frozen = torch.zeros(snapshot.shape, dtype=torch.bool, device=snapshot.device)
-    frozen[:, columns] = True
+    rows, r = snapshot.shape
     n = max(0, min(flat.numel(), snapshot.numel() - offset))
-    mask = frozen.flatten()[offset:offset + n]
-    target = flat[:n]
-    target[mask] = snapshot.flatten()[offset:offset + n][mask].to(device=flat.device, dtype=flat.dtype)
+    start, stop, _ = columns.indices(r)
+    positions = _frozen_positions(rows, r, start, stop, offset, n).to(flat.device)
+    flat[positions] = snapshot.flatten()[offset + positions.to(snapshot.device)].to(device=flat.device,
+                                                                                     dtype=flat.dtype)
 
 
 @torch.no_grad()
