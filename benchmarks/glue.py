@@ -52,6 +52,9 @@ TASKS = {
 METHODS = ("lora", "pissa", "lora-fa", "lamda", "lamda++", "full")
 # Each method's learning-rate grid: the same one for every adapter method, a lower one for full fine-tuning.
 ADAPTER_LRS = (1e-3, 3e-3, 1e-2)
+# The separating preset (400 steps) starts one rung lower: at that budget 1e-2 sends LoRA, PiSSA and LaMDA to chance
+# on SST-2, and the ladder still adds 1e-2 for a method whose choice lands on 3e-3.
+SEPARATING_ADAPTER_LRS = (3e-4, 1e-3, 3e-3)
 FULL_LRS = (5e-5, 1e-4)
 
 
@@ -243,6 +246,8 @@ def main() -> None:
     if opts.preset == "separating":  # every task with signal: 4x the steps, 128 tokens, widened grids, head fix
         opts.steps, opts.max_length, opts.select_size, opts.widen = max(opts.steps, 400), 128, 500, True
         opts.regression_bias, opts.label = "label-mean", opts.label if opts.label != "budget" else "separating"
+        if opts.adapter_lrs == list(ADAPTER_LRS):  # not set on the command line
+            opts.adapter_lrs = list(SEPARATING_ADAPTER_LRS)
     if not GLUE.is_dir():
         sys.exit(f"GLUE data not found at {GLUE} (the benchmark reads ../shared/data/glue)")
     RESULTS.mkdir(parents=True, exist_ok=True)
