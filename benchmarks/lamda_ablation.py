@@ -127,6 +127,10 @@ PLANS: dict[str, list[dict]] = {
     # 9. exploratory: the two best settings together (activation A, B frozen over the first 70%), seed 0
     "combined": _grid((100, 400), (0,), [dict(lr_S=1e-2, init="activations", freeze_ratio=0.7)])
     + _grid((400,), (1, 2), [dict(lr_S=1e-2, init="activations", freeze_ratio=0.7)]),
+    # 10. (session 3) at 400 steps LaMDA underfits (train loss 0.35-0.39 against LoRA's 0.21, dev loss lower):
+    #     the two rates not yet tried there (the head at 10x, S at 30x), then 4x the budget: does the gap close?
+    "knobs400": _grid((400,), (0,), [dict(lr_S=1e-2, lr_head=1e-2), dict(lr_S=3e-2)]),
+    "budget1600": _grid((1600,), (0,), [dict(method="lora"), dict(lr_S=1e-2), dict(lr_S=1e-2, freeze_ratio=0.7)]),
 }
 
 
