@@ -11,6 +11,7 @@ on dev.
         --adapter-lrs 1e-3 --full-lrs 5e-5 --label reduced     # a smoke run (minutes)
     python benchmarks/glue.py --preset separating     # the rebuilt run (docs/results/glue.md): 400 steps, 128 tokens,
                                                      # widened lr grids, regression head at the label mean
+    python benchmarks/glue.py --preset separating --report   # the table and plot from the log so far (no runs)
 
 Each finished run is appended to docs/results/glue_<label>_runs.jsonl, and a rerun skips runs already there, so an
 interrupted benchmark resumes (and several processes, each with its own --tasks, can share one label). The table
@@ -171,7 +172,9 @@ def paired_mean_difference(best: dict, method: str, tasks: list[str]) -> dict | 
 def write_report(runs: list[dict], opts, stem: str) -> None:
     rows, best = summarize(runs, opts)
     methods = [m for m in opts.methods if any(k[1] == m for k in best)]
-    means = {m: np.mean([best[(t, m)]["dev_mean"] for t in opts.tasks if (t, m) in best]) for m in methods}
+    # A task mean only over every task: a partial log (a run still under way) must not compare means of other tasks.
+    means = {m: np.mean([best[(t, m)]["dev_mean"] for t in opts.tasks]) if all((t, m) in best for t in opts.tasks)
+             else float("nan") for m in methods}
     header = "| method | trainable at start | at end | " + " | ".join(opts.tasks) + " | mean |"
     lines = [header, "|" + "---|" * (len(opts.tasks) + 4)]
     for m in methods:
@@ -179,7 +182,7 @@ def write_report(runs: list[dict], opts, stem: str) -> None:
         cells = [f"{best[(t, m)]['dev_mean']:.1f} ± {best[(t, m)]['dev_std']:.1f} (lr {best[(t, m)]['lr']:g})"
                  if (t, m) in best else "-" for t in opts.tasks]
         lines.append(f"| {m} | {any_row['trainable_start']:,} | {any_row['trainable_end']:,} | "
-                     + " | ".join(cells) + f" | {means[m]:.1f} |")
+                     + " | ".join(cells) + (" | - |" if np.isnan(means[m]) else f" | {means[m]:.1f} |"))
     lines += ["", "Paired difference to LoRA (same seed, each at its chosen lr; mean ± std over seeds, n seeds):", "",
               "| method | " + " | ".join(opts.tasks) + " | mean over tasks |", "|" + "---|" * (len(opts.tasks) + 2)]
     for m in methods:
@@ -209,6 +212,8 @@ def write_report(runs: list[dict], opts, stem: str) -> None:
         ax.bar(x, [best[(t, m)]["dev_mean"] if (t, m) in best else 0 for t in opts.tasks], width,
                yerr=[best[(t, m)]["dev_std"] if (t, m) in best else 0 for t in opts.tasks], label=m, color=f"C{i}")
         end = next(best[(t, m)]["trainable_end"] for t in opts.tasks if (t, m) in best)
+        if np.isnan(means[m]):  # not every task run yet
+            continue
         trade.scatter(end, means[m], color=f"C{i}", s=40)
         trade.annotate(m, (end, means[m]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xticks(np.arange(len(opts.tasks)) + 0.4 - width / 2, opts.tasks)
@@ -242,6 +247,9 @@ def main() -> None:
     p.add_argument("--regression-bias", choices=("label-mean", "zero"), default="zero",
                    help="label-mean: the regression head starts at the label mean (the STS-B collapse fix)")
     p.add_argument("--preset", choices=("separating",), help="separating: the rebuilt benchmark (see module doc)")
+    p.add_argument("--report", action="store_true",
+                   help="only rebuild the table, summary and plot from the run log (a partial log too: cells not run "
+                        "yet show '-', and a task mean needs every task)")
     opts = p.parse_args()
     if opts.preset == "separating":  # every task with signal: 4x the steps, 128 tokens, widened grids, head fix
         opts.steps, opts.max_length, opts.select_size, opts.widen = max(opts.steps, 400), 128, 500, True
@@ -255,6 +263,11 @@ def main() -> None:
     log = RESULTS / f"{stem}_runs.jsonl"
     runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     done = {(r["task"], r["method"], r["lr"], r["seed"]) for r in runs}
+    if opts.report:
+        if not runs:
+            sys.exit(f"no runs in {log} yet: run the benchmark first")
+        write_report(runs, opts, stem)
+        return
     for task in opts.tasks:
         data = split(task, opts.train_size, opts.select_size)
         for method in opts.methods:
