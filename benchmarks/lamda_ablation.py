@@ -54,8 +54,8 @@ from lamda_peft.tuners.lamda.activations import initialize_from_activations  # n
 RESULTS = ROOT / "docs" / "results"
 LOG = RESULTS / "lamda_ablation_runs.jsonl"
 DEFAULTS = dict(method="lamda", steps=100, seed=0, lr=1e-3, lr_S=None, lr_B=None, lr_head=None, freeze_ratio=0.3,
-                warmup=0.06, alpha="16", init="spectral", subspace="top")
-R = 8
+                warmup=0.06, alpha="16", init="spectral", subspace="top", r=8)
+R = 8  # the rank of every run unless a cell sets r
 
 
 def cell(**kw: Any) -> dict:
@@ -130,6 +130,9 @@ PLANS: dict[str, list[dict]] = {
     # 10. (session 3) at 400 steps LaMDA underfits (train loss 0.35-0.39 against LoRA's 0.21, dev loss lower):
     #     the two rates not yet tried there (the head at 10x, S at 30x), then 4x the budget: does the gap close?
     "knobs400": _grid((400,), (0,), [dict(lr_S=1e-2, lr_head=1e-2), dict(lr_S=3e-2)]),
+    #     capacity: after B freezes LaMDA trains r^2 numbers per module; at r = 32 (alpha 2r, as everywhere) that is
+    #     16x more (still 9x fewer than LoRA r = 8 trains); LoRA at r = 32 for the same question on LoRA's side
+    "rank32": _grid((400,), (0,), [dict(lr_S=1e-2, r=32, alpha="64"), dict(method="lora", r=32, alpha="64")]),
     "budget1600": _grid((1600,), (0,), [dict(method="lora"), dict(lr_S=1e-2), dict(lr_S=1e-2, freeze_ratio=0.7)]),
 }
 
@@ -142,8 +145,8 @@ def _lamda_config(c: dict, task_type):
 
     from lamda_peft import LamdaConfig, LoraFAConfig
 
-    alpha = float(c["alpha"][2:]) * math.sqrt(R) if c["alpha"].startswith("rs") else float(c["alpha"])
-    common = dict(r=R, lora_alpha=alpha, target_modules="all-linear", lora_dropout=0.0, task_type=task_type)
+    alpha = float(c["alpha"][2:]) * math.sqrt(c["r"]) if c["alpha"].startswith("rs") else float(c["alpha"])
+    common = dict(r=c["r"], lora_alpha=alpha, target_modules="all-linear", lora_dropout=0.0, task_type=task_type)
     if c["method"] == "lora":
         return LoraConfig(**common)
     if c["method"] == "pissa":
@@ -321,7 +324,9 @@ def subspace_energy(r: int = R) -> dict:
 
 
 def read_log() -> list[dict]:
-    return [json.loads(line) for line in LOG.read_text().splitlines() if line.strip()] if LOG.exists() else []
+    # runs logged before a knob existed ran at its default (e.g. r = 8)
+    return [{**DEFAULTS, **json.loads(line)} for line in LOG.read_text().splitlines() if line.strip()] \
+        if LOG.exists() else []
 
 
 def append(run: dict) -> None:
