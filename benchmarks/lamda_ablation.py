@@ -310,11 +310,12 @@ def main() -> None:
     p.add_argument("--step-sizes", action="store_true", help="only measure one Adam step per role (seconds)")
     p.add_argument("--subspace-energy", action="store_true",
                    help="only measure the input energy in span(A), spectral vs activation init (seconds)")
+    p.add_argument("--rank", type=int, default=R, help="the rank of the --step-sizes probe (alpha = 2 rank)")
     opts = p.parse_args()
     if opts.step_sizes or opts.subspace_energy:  # the probes behind the diagnosis (lamda_probes.py)
         import lamda_probes
 
-        print(json.dumps(lamda_probes.step_sizes() if opts.step_sizes else lamda_probes.subspace_energy(), indent=1))
+        print(json.dumps(lamda_probes.step_sizes(r=opts.rank) if opts.step_sizes else lamda_probes.subspace_energy(), indent=1))
         return
     i, n = (int(x) for x in opts.shard.split("/"))
     if not opts.report:

@@ -37,7 +37,7 @@ def _delta_weights(model) -> dict[str, torch.Tensor]:
             if isinstance(m, BaseTunerLayer) and hasattr(m, "get_delta_weight") and "default" in getattr(m, "r", {})}
 
 
-def step_sizes(lr: float = 1e-3) -> dict:
+def step_sizes(lr: float = 1e-3, r: int = R) -> dict:
     """What one Adam step of size ``lr`` (its first step is lr * sign(grad)) does, per role and per module kind:
     ||Delta W||_F / ||W0||_F, and the change of the pooled [CLS] output relative to its spread over the batch."""
     from peft import TaskType, get_peft_model
@@ -50,7 +50,7 @@ def step_sizes(lr: float = 1e-3) -> dict:
     for method in ("lora", "lora-fa", "lamda"):
         torch.manual_seed(0)
         model, tokenizer = load_base(minilm_path(), spec.task, 2)
-        model = get_peft_model(model, _lamda_config(cell(method=method), TaskType.SEQ_CLS)).eval()
+        model = get_peft_model(model, _lamda_config(cell(method=method, r=r, alpha=str(2 * r)), TaskType.SEQ_CLS)).eval()
         batch = collator_for(spec, tokenizer)([spec.encode(train, tokenizer)[i] for i in range(32)])
         pooled = lambda: model.base_model.model.bert(**{k: v for k, v in batch.items() if k != "labels"}).pooler_output
         model(**batch).loss.backward()
@@ -76,7 +76,8 @@ def step_sizes(lr: float = 1e-3) -> dict:
             with torch.no_grad():
                 for p, v in zip(params, saved):
                     p.copy_(v)
-    (RESULTS / "lamda_ablation_step_sizes.json").write_text(json.dumps({"lr": lr, "steps": result}, indent=2) + "\n")
+    name = "lamda_ablation_step_sizes.json" if r == R else f"lamda_ablation_step_sizes_r{r}.json"
+    (RESULTS / name).write_text(json.dumps({"lr": lr, "r": r, "steps": result}, indent=2) + "\n")
     return result
 
 
