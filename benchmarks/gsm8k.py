@@ -53,8 +53,8 @@ def run_method(method: str, train: Table, test: Table, opts) -> dict:
         train_model(model, tokenizer, spec, spec.encode(train, tokenizer), None, args, Path("/tmp/gsm8k-bench"))
         result |= {"trainable_end": trainable(model), "lr": lr}
     result["train_seconds"] = round(time.time() - began, 1)
-    result["test"] = evaluate(model, tokenizer, spec, spec.encode(test, tokenizer), opts.batch_size)
-    gen = generation_report(model, tokenizer, spec, test, opts.em_size, opts.max_new_tokens)
+    result["test"] = evaluate(model, tokenizer, spec, spec.encode(test, tokenizer), opts.eval_batch_size)
+    gen = generation_report(model, tokenizer, spec, test, opts.em_size, opts.max_new_tokens, opts.eval_batch_size)
     result["exact_match"], result["samples"] = gen.get("final_answer_exact_match"), gen["samples"][:2]
     print(f"{method}: test loss {result['test']['loss']:.4f}, exact match {result['exact_match']}", flush=True)
     return result
@@ -75,6 +75,8 @@ def main() -> None:
     p.add_argument("--lr-full", type=float, default=2e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default="full")
+    p.add_argument("--eval-batch-size", type=int, default=16,
+                   help="batch of the test loss and of greedy generation (speed only: padding is masked)")
     opts = p.parse_args()
     if not GSM8K.is_dir():
         sys.exit(f"GSM8K not found at {GSM8K} (the benchmark reads ../shared/data/gsm8k)")
@@ -87,7 +89,7 @@ def main() -> None:
     # Each finished method is appended to the run log at once; a rerun with the same options skips those already
     # there (a run of hours resumes where it stopped). A log written with other options is refused, not mixed in.
     log = stem.with_name(stem.name + "_runs.jsonl")
-    setting = {k: v for k, v in vars(opts).items() if k not in ("methods", "label")}
+    setting = {k: v for k, v in vars(opts).items() if k not in ("methods", "label", "eval_batch_size")}
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     for run in done:
         if run["options"] != setting:

@@ -162,12 +162,14 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return answers
 
 
-def generation_report(model, tokenizer, spec: DataSpec, table: Table, n: int, max_new_tokens: int) -> dict[str, Any]:
-    """Greedy answers for the first ``n`` rows; GSM8K-style references (``#### N``) add the exact-match rate."""
+def generation_report(model, tokenizer, spec: DataSpec, table: Table, n: int, max_new_tokens: int,
+                      batch_size: int = 8) -> dict[str, Any]:
+    """Greedy answers for the first ``n`` rows; GSM8K-style references (``#### N``) add the exact-match rate.
+    On a CPU a larger ``batch_size`` is much faster per answer (each new token reads every weight once per batch)."""
     rows = table.rows[:n]
     prompts = [str(r[spec.prompt_column]) for r in rows]
     references = [str(r[spec.response_column]) for r in rows]
-    answers = generate(model, tokenizer, prompts, max_new_tokens)
+    answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
     report: dict[str, Any] = {"generated": len(answers)}
     if M.has_final_answers(references):
         report["final_answer_exact_match"] = M.exact_match(answers, references)
