@@ -138,7 +138,8 @@ PLANS: dict[str, list[dict]] = {
     "rank32_rates": _grid((400,), (0,), [dict(r=32, alpha="64"), dict(lr_S=3e-3, r=32, alpha="64")]),
     #     which rule for S's rate across ranks: 10x at r = 8, then 10 * 8 / r (2.5x at 32) or 10 * sqrt(8 / r) (5x)?
     #     and does the 10x rule already fail at r = 16?
-    "rank_rule": _grid((400,), (0,), [dict(lr_S=5e-3, r=32, alpha="64"), dict(lr_S=1e-2, r=16, alpha="32")]),
+    "rank_rule": _grid((400,), (0,), [dict(lr_S=5e-3, r=32, alpha="64"), dict(lr_S=1e-2, r=16, alpha="32"),
+                                      dict(lr_S=5e-3, r=16, alpha="32")]),
     "budget1600": _grid((1600,), (0,), [dict(method="lora"), dict(lr_S=1e-2), dict(lr_S=1e-2, freeze_ratio=0.7)]),
 }
 

@@ -86,6 +86,26 @@ def test_defaults_follow_lr():
     assert groups["head"]["lr"] == 2e-3
 
 
+def test_default_rate_of_S_falls_above_rank_8():
+    """S's default rate is 10x lr up to r = 8 and 10x * 8 / r above (at r = 32 the 10x rate kept SST-2 at chance):
+    modules of different ranks (rank_pattern, as LaMDA++ makes) get one group per rate, each S in the right one."""
+    model = tiny_classifier(LamdaConfig(r=12, lora_alpha=24, target_modules=TARGETS, task_type=TaskType.SEQ_CLS,
+                                        rank_pattern={"query": 4, "value": 16}))
+    groups = lamda_param_groups(model, lr=1e-3)
+    s_groups = [g for g in groups if g["role"] == "lamda_S"]
+    rank_of = {id(m.lamda_S["default"]): m.r["default"] for m in model.modules() if isinstance(m, LamdaLayer)}
+    assert sorted(set(rank_of.values())) == [4, 12, 16]
+    expected = {4: 1e-2, 12: 1e-3 * 10 * 8 / 12, 16: 5e-3}  # written out, not from the library's formula
+    assert [g["lr"] for g in s_groups] == pytest.approx(sorted(expected.values(), reverse=True))
+    for group in s_groups:
+        assert {rank_of[id(p)] for p in group["params"]} == {r for r, v in expected.items()
+                                                              if v == pytest.approx(group["lr"])}
+    assert sum(len(g["params"]) for g in s_groups) == len(rank_of) == 11
+    # a given lr_S is one rate for every rank; lr_B is not touched by the rank
+    assert [g["lr"] for g in lamda_param_groups(model, lr=1e-3, lr_S=2e-3) if g["role"] == "lamda_S"] == [2e-3]
+    assert [g["lr"] for g in groups if g["role"] == "lamda_B"] == [1e-3 * LAMDA_LR_B_MULTIPLIER]
+
+
 def test_lora_fa_and_plain_lora():
     fa = tiny_classifier(LoraFAConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type=TaskType.SEQ_CLS))
     assert groups_by_role(lamda_param_groups(fa, lr=1e-3))["lorafa_B"]["lr"] == 1e-3  # LaMDA's multiplier: not here

@@ -7,7 +7,7 @@ neutral default. This module builds the groups from the layers' *registered cont
 names:
 
     role        container                                      learning rate
-    "lamda_S"   LamdaLayer.lamda_S                             lr_S    (default: lr * LAMDA_LR_S_MULTIPLIER)
+    "lamda_S"   LamdaLayer.lamda_S                             lr_S    (default: default_lr_S(lr, r), per rank)
     "lamda_B"   LamdaLayer.lamda_B                             lr_B    (default: lr * LAMDA_LR_B_MULTIPLIER)
     "lorafa_B"  LoraFALayer.lorafa_B                           lr_B    (default: lr)
     "head"      PEFT's ModulesToSaveWrapper.modules_to_save    lr_head (default: lr)
@@ -39,11 +39,16 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
-#: lr_S = lr * this and LaMDA's lr_B = lr * that when not given. One Adam step on S moves the model ~9x less than a
-#: LoRA step at the same lr (the paper's init makes S's step a *relative* lr on each module's top-r part); 10x lr for
-#: S gave 70.5 (3 seeds) instead of 59.1 (2 seeds) on SST-2 at 100 steps, lr 1e-3. Lowering B's lr gave nothing. docs/learning_rates.md has the numbers.
+#: lr_S = lr * this (up to rank LAMDA_LR_S_REFERENCE_RANK) and LaMDA's lr_B = lr * that when not given. One Adam step
+#: on S moves the model ~9x less than a LoRA step at the same lr (the paper's init makes S's step a *relative* lr on
+#: each module's top-r part); 10x lr for S gave 70.5 (3 seeds) instead of 59.1 (2 seeds) on SST-2 at 100 steps, lr
+#: 1e-3, r = 8. Lowering B's lr gave nothing. docs/learning_rates.md has the numbers.
 LAMDA_LR_S_MULTIPLIER = 10.0
 LAMDA_LR_B_MULTIPLIER = 1.0
+#: Above this rank S's default rate falls as 1/r. Adam moves each of S's r^2 entries by ~lr_S, so a step changes the
+#: module by about lr_S * (sigma_1 + ... + sigma_r): it grows with r. At r = 32 the 10x rate never learned (SST-2,
+#: 400 steps: 56.4, train loss 0.67) where 3x reached 80.5 and one lr 78.6 (results/lamda_ablation.md).
+LAMDA_LR_S_REFERENCE_RANK = 8
 #: the role of each registered container; containers of other tuner layers get the role "adapter"
 CONTAINER_ROLES = {"lamda_S": "lamda_S", "lamda_B": "lamda_B", "lorafa_B": "lorafa_B", "modules_to_save": "head"}
 ROLES = ("lamda_S", "lamda_B", "lorafa_B", "head", "adapter")
@@ -92,6 +97,20 @@ def _check_lr(name: str, value: Any) -> float:
     return float(value)
 
 
+def default_lr_S(lr: float, rank: int) -> float:
+    """S's learning rate when none is given: ``lr * LAMDA_LR_S_MULTIPLIER`` up to rank ``LAMDA_LR_S_REFERENCE_RANK``,
+    then ``* LAMDA_LR_S_REFERENCE_RANK / rank`` (10x at r <= 8, 5x at r = 16, 2.5x at r = 32)."""
+    return lr * LAMDA_LR_S_MULTIPLIER * min(1.0, LAMDA_LR_S_REFERENCE_RANK / rank)
+
+
+def _lamda_S_ranks(model: nn.Module) -> dict[int, int]:
+    """{id(S): its module's rank} for every LaMDA core S (from the layer's registered ``r``, not the tensor's shape,
+    which a ZeRO-3 partition empties)."""
+    return {id(param): int(module.r[adapter]) for module in model.modules()
+            if isinstance(getattr(module, "lamda_S", None), nn.ParameterDict) and isinstance(module, BaseTunerLayer)
+            for adapter, param in module.lamda_S.items()}
+
+
 def lamda_param_groups(model: nn.Module, lr: float, *, lr_S: Optional[float] = None, lr_B: Optional[float] = None,
                        lr_head: Optional[float] = None, weight_decay: float = 0.0) -> list[dict[str, Any]]:
     """Torch optimizer parameter groups for a PEFT model, one per role present, each with its own learning rate.
@@ -99,7 +118,8 @@ def lamda_param_groups(model: nn.Module, lr: float, *, lr_S: Optional[float] = N
     Args:
         model: a PEFT model (LaMDA, LaMDA++, LoRA-FA, or any PEFT tuner; ``modules_to_save`` heads).
         lr: the base learning rate (LoRA's B/A, and the default of the others).
-        lr_S: LaMDA's core S (r x r); default ``lr * LAMDA_LR_S_MULTIPLIER``.
+        lr_S: LaMDA's core S (r x r); default :func:`default_lr_S` of each module's rank (10x ``lr`` up to r = 8,
+            less above: S's tensors of different ranks, e.g. LaMDA++'s, then form one group per rate).
         lr_B: LaMDA's and LoRA-FA's B (d_out x r); default ``lr * LAMDA_LR_B_MULTIPLIER`` for LaMDA, ``lr`` for
             LoRA-FA.
         lr_head: the modules trained in full (``modules_to_save``, e.g. a classification head); default ``lr``.
@@ -109,14 +129,15 @@ def lamda_param_groups(model: nn.Module, lr: float, *, lr_S: Optional[float] = N
             ``weight_decay=0``.
 
     Returns a list of ``{"params": [...], "lr": float, "weight_decay": float, "role": str}`` (roles in the order
-    of ``ROLES``; a role without trainable parameters is left out; a role's exempt parameters follow it in their
-    own group). Only parameters with ``requires_grad=True`` are included, each once.
+    of ``ROLES``; a role without trainable parameters is left out; within a role, groups by decreasing rate; a
+    role's exempt parameters follow it in their own group). Only parameters with ``requires_grad=True`` are
+    included, each once.
 
     Raises ValueError on a trainable parameter that belongs to none of the registered containers (e.g. a base weight
     unfrozen by hand): it would otherwise be trained at an unintended rate or silently not at all.
     """
     base = _check_lr("lr", lr)
-    lrs = {"lamda_S": _check_lr("lr_S", lr_S) if lr_S is not None else base * LAMDA_LR_S_MULTIPLIER,
+    lrs = {"lamda_S": _check_lr("lr_S", lr_S) if lr_S is not None else None,  # None: per rank (below)
            "lamda_B": _check_lr("lr_B", lr_B) if lr_B is not None else base * LAMDA_LR_B_MULTIPLIER,
            "lorafa_B": _check_lr("lr_B", lr_B) if lr_B is not None else base,
            "head": _check_lr("lr_head", lr_head) if lr_head is not None else base, "adapter": base}
@@ -143,13 +164,16 @@ def lamda_param_groups(model: nn.Module, lr: float, *, lr_S: Optional[float] = N
             "(requires_grad_(False)), or add it to the optimizer as a group of your own."
         )
     exempt = no_decay_parameters(model) if weight_decay > 0 else set()
+    ranks = _lamda_S_ranks(model) if lrs["lamda_S"] is None and grouped["lamda_S"] else {}
     groups = []
     for role, params in grouped.items():
-        decayed = [p for p in params if id(p) not in exempt]
-        spared = [p for p in params if id(p) in exempt]
-        for members, decay in ((decayed, float(weight_decay)), (spared, 0.0)):
-            if members:
-                groups.append({"params": members, "lr": lrs[role], "weight_decay": decay, "role": role})
+        rate = {id(p): lrs[role] if lrs[role] is not None else default_lr_S(base, ranks[id(p)]) for p in params}
+        for value in sorted(set(rate.values()), reverse=True):
+            decayed = [p for p in params if rate[id(p)] == value and id(p) not in exempt]
+            spared = [p for p in params if rate[id(p)] == value and id(p) in exempt]
+            for members, decay in ((decayed, float(weight_decay)), (spared, 0.0)):
+                if members:
+                    groups.append({"params": members, "lr": value, "weight_decay": decay, "role": role})
     return groups
 
 
@@ -162,7 +186,9 @@ def describe_groups(groups: list[dict[str, Any]]) -> str:
 def add_lr_arguments(parser_group: Any) -> None:
     """The per-group learning-rate options of ``lamda-peft train`` (only LaMDA, LaMDA++ and LoRA-FA use them)."""
     parser_group.add_argument("--lr-S", dest="lr_S", type=float,
-                              help=f"LaMDA: learning rate of the core S (default lr x {LAMDA_LR_S_MULTIPLIER:g})")
+                              help=f"LaMDA: learning rate of the core S (default lr x {LAMDA_LR_S_MULTIPLIER:g} up to "
+                                   f"r = {LAMDA_LR_S_REFERENCE_RANK}, x {LAMDA_LR_S_MULTIPLIER:g} x "
+                                   f"{LAMDA_LR_S_REFERENCE_RANK}/r above)")
     parser_group.add_argument("--lr-B", dest="lr_B", type=float, help="LaMDA, LoRA-FA: learning rate of B (default lr)")
     parser_group.add_argument("--lr-head", dest="lr_head", type=float,
                               help="learning rate of the head trained in full (default lr)")
