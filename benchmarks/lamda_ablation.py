@@ -140,7 +140,9 @@ PLANS: dict[str, list[dict]] = {
     #     and does the 10x rule already fail at r = 16?
     "rank_rule": _grid((400,), (0,), [dict(lr_S=5e-3, r=32, alpha="64"), dict(lr_S=1e-2, r=16, alpha="32"),
                                       dict(lr_S=5e-3, r=16, alpha="32")]),
-    "budget1600": _grid((1600,), (0,), [dict(method="lora"), dict(lr_S=1e-2), dict(lr_S=1e-2, freeze_ratio=0.7)]),
+    #     the new default at r = 32 (lr_S = 10 lr * 8 / 32), 3 seeds: does a larger rank close the gap to LoRA r = 8?
+    "rank32_default": _grid((400,), (0, 1, 2), [dict(lr_S=2.5e-3, r=32, alpha="64")]),
+    "budget1600": _grid((1600,), (0,), [dict(lr_S=1e-2), dict(method="lora"), dict(lr_S=1e-2, freeze_ratio=0.7)]),
 }
 
 
