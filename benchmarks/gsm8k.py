@@ -9,13 +9,15 @@ the test split and the final-answer exact match (greedy, ``#### N``) on a fixed 
         --max-new-tokens 96 --label reduced          # a reduced run (minutes)
 
 The untrained base model is scored too (method "base"). Results: docs/results/gsm8k_<label>{.md,.png,.json}; every
-finished method is appended to docs/results/gsm8k_<label>_runs.jsonl, and a rerun resumes from it.
+finished method is appended to docs/results/gsm8k_<label>_runs.jsonl, and a rerun resumes from it; a method's
+training itself resumes from its last checkpoint (every --checkpoint-every steps, under runs/gsm8k-<label>/).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ from types import SimpleNamespace
 import torch
 
 import lamda_peft  # noqa: F401  (registers the methods with PEFT)
+from lamda_peft.cli.checkpoints import checkpoints
 from lamda_peft.cli.eval import evaluate, generation_report, load_base
 from lamda_peft.cli.train import peft_config, train_model, trainable, versions
 from lamda_peft.data import Table, infer_spec, read_table
@@ -33,6 +36,14 @@ ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 RESULTS = ROOT / "docs" / "results"
 METHODS = ("lora", "pissa", "lora-fa", "lamda", "lamda++", "full")
+
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The last ``checkpoint-N`` the Trainer finished writing (a run killed while saving leaves one without its
+    trainer state or optimizer)."""
+    done = [c for c in checkpoints(folder) if all((c / f).is_file() for f in ("trainer_state.json", "optimizer.pt",
+                                                                              "scheduler.pt"))]
+    return done[-1] if done else None
 
 
 def run_method(method: str, train: Table, test: Table, opts) -> dict:
@@ -49,8 +60,15 @@ def run_method(method: str, train: Table, test: Table, opts) -> dict:
         result["trainable_start"] = trainable(model)
         lr = opts.lr_full if method == "full" else opts.lr
         args = SimpleNamespace(batch_size=opts.batch_size, lr=lr, epochs=None, max_steps=opts.steps,
-                               seed=opts.seed, eval_steps=None, method=method)
-        train_model(model, tokenizer, spec, spec.encode(train, tokenizer), None, args, Path("/tmp/gsm8k-bench"))
+                               seed=opts.seed, eval_steps=None, method=method, save_steps=opts.checkpoint_every)
+        # A method's training resumes from its last complete checkpoint (a stopped session loses at most
+        # --checkpoint-every steps); the folder goes once the method's result is in the run log.
+        workdir = ROOT / "runs" / f"gsm8k-{opts.label}" / method
+        resume = last_complete_checkpoint(workdir)
+        if resume is not None:
+            result["resumed_from"] = resume.name
+            print(f"{method}: resuming from {resume}", flush=True)
+        train_model(model, tokenizer, spec, spec.encode(train, tokenizer), None, args, workdir, resume=resume)
         result |= {"trainable_end": trainable(model), "lr": lr}
     result["train_seconds"] = round(time.time() - began, 1)
     result["test"] = evaluate(model, tokenizer, spec, spec.encode(test, tokenizer), opts.eval_batch_size)
@@ -75,6 +93,8 @@ def main() -> None:
     p.add_argument("--lr-full", type=float, default=2e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default="full")
+    p.add_argument("--checkpoint-every", type=int, default=50,
+                   help="steps between checkpoints under runs/gsm8k-<label>/<method> (a stopped run resumes there)")
     p.add_argument("--eval-batch-size", type=int, default=16,
                    help="batch of the test loss and of greedy generation (speed only: padding is masked)")
     opts = p.parse_args()
@@ -89,7 +109,8 @@ def main() -> None:
     # Each finished method is appended to the run log at once; a rerun with the same options skips those already
     # there (a run of hours resumes where it stopped). A log written with other options is refused, not mixed in.
     log = stem.with_name(stem.name + "_runs.jsonl")
-    setting = {k: v for k, v in vars(opts).items() if k not in ("methods", "label", "eval_batch_size")}
+    setting = {k: v for k, v in vars(opts).items()
+               if k not in ("methods", "label", "eval_batch_size", "checkpoint_every")}  # these change no result
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     for run in done:
         if run["options"] != setting:
@@ -101,6 +122,7 @@ def main() -> None:
             previous = run_method(method, train, test, opts) | {"options": setting}
             with log.open("a") as fh:
                 fh.write(json.dumps(previous) + "\n")
+            shutil.rmtree(ROOT / "runs" / f"gsm8k-{opts.label}" / method, ignore_errors=True)
         results.append(previous)
     stem.with_suffix(".json").write_text(json.dumps(
         {"command": " ".join(["python", *sys.argv]), "options": vars(opts), "versions": versions(),
