@@ -5,6 +5,7 @@ the test split and the final-answer exact match (greedy, ``#### N``) on a fixed 
     python benchmarks/gsm8k.py --methods lora lamda lamda++ --train-size 1000 --steps 30 --batch-size 4 \
         --max-length 320 --test-size 100 --em-size 20 --max-new-tokens 200 --lr 1e-3 --label budget
                                                      # the committed run (docs/results/gsm8k.md, under an hour)
+    python benchmarks/gsm8k.py --label separating <its options> --report   # table and plot from the log so far
     python benchmarks/gsm8k.py --methods lora lamda --train-size 64 --steps 8 --test-size 24 --em-size 4 \
         --max-new-tokens 96 --label reduced          # a reduced run (minutes)
 
@@ -36,6 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 RESULTS = ROOT / "docs" / "results"
 METHODS = ("lora", "pissa", "lora-fa", "lamda", "lamda++", "full")
+
+
+def wilson_interval(successes: int, n: int) -> tuple[float, float]:
+    """The 95% Wilson interval of an exact-match rate on n problems (honest at 0 and at small n)."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def last_complete_checkpoint(folder: Path) -> Path | None:
@@ -93,6 +102,8 @@ def main() -> None:
     p.add_argument("--lr-full", type=float, default=2e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default="full")
+    p.add_argument("--report", action="store_true",
+                   help="only rebuild the table, JSON and plot from the run log (the methods finished so far)")
     p.add_argument("--checkpoint-every", type=int, default=50,
                    help="steps between checkpoints under runs/gsm8k-<label>/<method> (a stopped run resumes there)")
     p.add_argument("--eval-batch-size", type=int, default=16,
@@ -110,7 +121,7 @@ def main() -> None:
     # there (a run of hours resumes where it stopped). A log written with other options is refused, not mixed in.
     log = stem.with_name(stem.name + "_runs.jsonl")
     setting = {k: v for k, v in vars(opts).items()
-               if k not in ("methods", "label", "eval_batch_size", "checkpoint_every")}  # these change no result
+               if k not in ("methods", "label", "eval_batch_size", "checkpoint_every", "report")}  # these change no result
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     for run in done:
         if run["options"] != setting:
@@ -118,6 +129,8 @@ def main() -> None:
     results = []
     for method in ["base", *opts.methods]:
         previous = next((r for r in done if r["method"] == method), None)
+        if previous is None and opts.report:
+            continue
         if previous is None:
             previous = run_method(method, train, test, opts) | {"options": setting}
             with log.open("a") as fh:
@@ -127,10 +140,14 @@ def main() -> None:
     stem.with_suffix(".json").write_text(json.dumps(
         {"command": " ".join(["python", *sys.argv]), "options": vars(opts), "versions": versions(),
          "results": results}, indent=2) + "\n")
-    lines = ["| method | trainable at start | at end | lr | test loss (response tokens) | exact match |",
+    if not results:
+        sys.exit(f"no runs in {log} yet: run the benchmark first")
+    lines = ["| method | trainable at start | at end | lr | test loss (response tokens) | exact match (95% CI) |",
              "|---|---|---|---|---|---|"]
     for r in results:
-        em = "-" if r["exact_match"] is None else f"{100 * r['exact_match']:.1f}% of {opts.em_size}"
+        k = round(r["exact_match"] * opts.em_size) if r["exact_match"] is not None else None
+        em = "-" if k is None else (f"{100 * r['exact_match']:.1f}% of {opts.em_size} "
+                                    "({:.1f}-{:.1f})".format(*(100 * x for x in wilson_interval(k, opts.em_size))))
         lines.append(f"| {r['method']} | {r.get('trainable_start', 0):,} | {r.get('trainable_end', 0):,} | "
                      f"{r.get('lr', '-')} | {r['test']['loss']:.4f} | {em} |")
     stem.with_name(stem.name + "_table.md").write_text("\n".join(lines) + "\n")
