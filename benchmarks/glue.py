@@ -179,8 +179,9 @@ def write_report(runs: list[dict], opts, stem: str) -> None:
     lines = [header, "|" + "---|" * (len(opts.tasks) + 4)]
     for m in methods:
         any_row = next(best[(t, m)] for t in opts.tasks if (t, m) in best)
-        cells = [f"{best[(t, m)]['dev_mean']:.1f} ± {best[(t, m)]['dev_std']:.1f} (lr {best[(t, m)]['lr']:g})"
-                 if (t, m) in best else "-" for t in opts.tasks]
+        cells = [f"{best[(t, m)]['dev_mean']:.1f} ± {best[(t, m)]['dev_std']:.1f} (lr {best[(t, m)]['lr']:g}"
+                 + ("" if best[(t, m)]["seeds"] >= len(opts.seeds) else f", {best[(t, m)]['seeds']} seed(s) so far")
+                 + ")" if (t, m) in best else "-" for t in opts.tasks]
         lines.append(f"| {m} | {any_row['trainable_start']:,} | {any_row['trainable_end']:,} | "
                      + " | ".join(cells) + (" | - |" if np.isnan(means[m]) else f" | {means[m]:.1f} |"))
     lines += ["", "Paired difference to LoRA (same seed, each at its chosen lr; mean ± std over seeds, n seeds):", "",
