@@ -17,6 +17,9 @@ and a seed. The knobs (each defaults to the committed LaMDA/CLI setting):
                               confirm400 used a prototype in this script with the same math, factors equal to
                               4e-12; plans after, after2 and combined the library function)
     subspace                  top (paper), minor (the r smallest singular directions; ablation only)
+    freeze_order              largest_first (default: the columns of the largest singular values freeze first),
+                              smallest_first (LamdaConfig.freeze_order)
+    r                         the rank (alpha is set with it, as alpha = 2 r everywhere)
 
     python benchmarks/lamda_ablation.py --plan diagnose           # the cells of one plan (see PLANS)
     python benchmarks/lamda_ablation.py --plan diagnose --shard 1/2   # half of them (run two processes)
@@ -54,7 +57,7 @@ from lamda_peft.tuners.lamda.activations import initialize_from_activations  # n
 RESULTS = ROOT / "docs" / "results"
 LOG = RESULTS / "lamda_ablation_runs.jsonl"
 DEFAULTS = dict(method="lamda", steps=100, seed=0, lr=1e-3, lr_S=None, lr_B=None, lr_head=None, freeze_ratio=0.3,
-                warmup=0.06, alpha="16", init="spectral", subspace="top", r=8)
+                warmup=0.06, alpha="16", init="spectral", subspace="top", r=8, freeze_order="largest_first")
 R = 8  # the rank of every run unless a cell sets r
 
 
@@ -143,6 +146,11 @@ PLANS: dict[str, list[dict]] = {
     #     the new default at r = 32 (lr_S = 10 lr * 8 / 32), 3 seeds: does a larger rank close the gap to LoRA r = 8?
     "rank32_default": _grid((400,), (0, 1, 2), [dict(lr_S=2.5e-3, r=32, alpha="64")]),
     "budget1600": _grid((1600,), (0,), [dict(lr_S=1e-2), dict(method="lora"), dict(lr_S=1e-2, freeze_ratio=0.7)]),
+    # 11. (session 4) the schedule's other knob: which columns of B freeze first (3 seeds at 100 steps, where the
+    #     schedule matters most); capacity again: r = 64 (S at 10 lr * 8 / 64), still fewer trainable numbers at the
+    #     end (64^2 per module) than LoRA r = 8 trains
+    "order": _grid((100,), (0, 1, 2), [dict(lr_S=1e-2, freeze_order="smallest_first")]),
+    "rank64": _grid((400,), (0,), [dict(lr_S=1.25e-3, r=64, alpha="128")]),
 }
 
 
@@ -164,7 +172,7 @@ def _lamda_config(c: dict, task_type):
         return LoraFAConfig(**common)
     extra = {"rank_allocation": "energy"} if c["method"] == "lamda++" else {}
     freeze_ratio = 1.0 if c["freeze_ratio"] is None else c["freeze_ratio"]  # None: no LamdaCallback (see one_run)
-    return LamdaConfig(**common, init=c["init"], freeze_ratio=freeze_ratio, **extra)
+    return LamdaConfig(**common, init=c["init"], freeze_ratio=freeze_ratio, freeze_order=c["freeze_order"], **extra)
 
 
 @torch.no_grad()
