@@ -11,7 +11,8 @@ from peft import LoraConfig, TaskType, get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
 from lamda_peft import LamdaConfig, LamdaLayer, LoraFAConfig, LoraFALayer, attach_freezing
-from lamda_peft.optim import LAMDA_LR_B_MULTIPLIER, LAMDA_LR_S_MULTIPLIER, add_lr_arguments, lamda_param_groups, trainer_optimizers
+from lamda_peft.optim import (LAMDA_LR_B_MULTIPLIER, LAMDA_LR_S_MULTIPLIER, add_lr_arguments, default_lr_S,
+                               lamda_param_groups, trainer_optimizers)
 
 TARGETS = ["query", "value", "dense"]
 
@@ -104,6 +105,12 @@ def test_default_rate_of_S_falls_above_rank_8():
     # a given lr_S is one rate for every rank; lr_B is not touched by the rank
     assert [g["lr"] for g in lamda_param_groups(model, lr=1e-3, lr_S=2e-3) if g["role"] == "lamda_S"] == [2e-3]
     assert [g["lr"] for g in groups if g["role"] == "lamda_B"] == [1e-3 * LAMDA_LR_B_MULTIPLIER]
+
+
+@pytest.mark.parametrize("rank, multiplier", [(1, 10), (8, 10), (16, 5), (32, 2.5), (64, 0.625), (128, 0.15625)])
+def test_default_rate_of_S_by_rank(rank, multiplier):
+    """10x up to r = 8, falling as 1/r to r = 32, then as 1/r^2 (at r = 64 the 1/r rate did not learn on one seed)."""
+    assert default_lr_S(1e-3, rank) == pytest.approx(1e-3 * multiplier)
 
 
 def test_lora_fa_and_plain_lora():

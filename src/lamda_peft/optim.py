@@ -49,6 +49,10 @@ LAMDA_LR_B_MULTIPLIER = 1.0
 #: module by about lr_S * (sigma_1 + ... + sigma_r): it grows with r. At r = 32 the 10x rate never learned (SST-2,
 #: 400 steps: 56.4, train loss 0.67) where 3x reached 80.5 and one lr 78.6 (results/lamda_ablation.md).
 LAMDA_LR_S_REFERENCE_RANK = 8
+#: Above this rank it falls once more as 1/r (1/r^2 overall): at r = 64 the 1/r rule's rate (1.25x) never learned on
+#: one of 3 seeds (SST-2, 400 steps: 50.9, loss 0.69 throughout) and twice it never learned either, while half of it
+#: (0.625x) learned on every seed (81.1 / 78.2 / 75.5). At r = 32 the 1/r rate has a 2x margin (5x still learns).
+LAMDA_LR_S_STEEP_RANK = 32
 #: the role of each registered container; containers of other tuner layers get the role "adapter"
 CONTAINER_ROLES = {"lamda_S": "lamda_S", "lamda_B": "lamda_B", "lorafa_B": "lorafa_B", "modules_to_save": "head"}
 ROLES = ("lamda_S", "lamda_B", "lorafa_B", "head", "adapter")
@@ -99,8 +103,10 @@ def _check_lr(name: str, value: Any) -> float:
 
 def default_lr_S(lr: float, rank: int) -> float:
     """S's learning rate when none is given: ``lr * LAMDA_LR_S_MULTIPLIER`` up to rank ``LAMDA_LR_S_REFERENCE_RANK``,
-    then ``* LAMDA_LR_S_REFERENCE_RANK / rank`` (10x at r <= 8, 5x at r = 16, 2.5x at r = 32)."""
-    return lr * LAMDA_LR_S_MULTIPLIER * min(1.0, LAMDA_LR_S_REFERENCE_RANK / rank)
+    then ``* LAMDA_LR_S_REFERENCE_RANK / rank``, and above ``LAMDA_LR_S_STEEP_RANK`` ``* LAMDA_LR_S_STEEP_RANK / rank``
+    once more (10x at r <= 8, 5x at r = 16, 2.5x at r = 32, 0.625x at r = 64)."""
+    return (lr * LAMDA_LR_S_MULTIPLIER * min(1.0, LAMDA_LR_S_REFERENCE_RANK / rank)
+            * min(1.0, LAMDA_LR_S_STEEP_RANK / rank))
 
 
 def _lamda_S_ranks(model: nn.Module) -> dict[int, int]:
@@ -188,7 +194,8 @@ def add_lr_arguments(parser_group: Any) -> None:
     parser_group.add_argument("--lr-S", dest="lr_S", type=float,
                               help=f"LaMDA: learning rate of the core S (default lr x {LAMDA_LR_S_MULTIPLIER:g} up to "
                                    f"r = {LAMDA_LR_S_REFERENCE_RANK}, x {LAMDA_LR_S_MULTIPLIER:g} x "
-                                   f"{LAMDA_LR_S_REFERENCE_RANK}/r above)")
+                                   f"{LAMDA_LR_S_REFERENCE_RANK}/r up to r = {LAMDA_LR_S_STEEP_RANK}, and x "
+                                   f"{LAMDA_LR_S_STEEP_RANK}/r once more above)")
     parser_group.add_argument("--lr-B", dest="lr_B", type=float, help="LaMDA, LoRA-FA: learning rate of B (default lr)")
     parser_group.add_argument("--lr-head", dest="lr_head", type=float,
                               help="learning rate of the head trained in full (default lr)")
