@@ -169,6 +169,12 @@ def paired_mean_difference(best: dict, method: str, tasks: list[str]) -> dict | 
     return {"mean": float(np.mean(diffs)), "std": float(np.std(diffs)), "seeds": len(diffs)} if diffs else None
 
 
+def _score_cell(row: dict, seeds_planned: int) -> str:
+    """'mean ± std (lr X)', marked while the cell has fewer seeds than planned (a partial log)."""
+    so_far = "" if row["seeds"] >= seeds_planned else f", {row['seeds']} seed(s) so far"
+    return f"{row['dev_mean']:.1f} ± {row['dev_std']:.1f} (lr {row['lr']:g}{so_far})"
+
+
 def write_report(runs: list[dict], opts, stem: str) -> None:
     rows, best = summarize(runs, opts)
     methods = [m for m in opts.methods if any(k[1] == m for k in best)]
@@ -179,9 +185,7 @@ def write_report(runs: list[dict], opts, stem: str) -> None:
     lines = [header, "|" + "---|" * (len(opts.tasks) + 4)]
     for m in methods:
         any_row = next(best[(t, m)] for t in opts.tasks if (t, m) in best)
-        cells = [f"{best[(t, m)]['dev_mean']:.1f} ± {best[(t, m)]['dev_std']:.1f} (lr {best[(t, m)]['lr']:g}"
-                 + ("" if best[(t, m)]["seeds"] >= len(opts.seeds) else f", {best[(t, m)]['seeds']} seed(s) so far")
-                 + ")" if (t, m) in best else "-" for t in opts.tasks]
+        cells = [_score_cell(best[(t, m)], len(opts.seeds)) if (t, m) in best else "-" for t in opts.tasks]
         lines.append(f"| {m} | {any_row['trainable_start']:,} | {any_row['trainable_end']:,} | "
                      + " | ".join(cells) + (" | - |" if np.isnan(means[m]) else f" | {means[m]:.1f} |"))
     lines += ["", "Paired difference to LoRA (same seed, each at its chosen lr; mean ± std over seeds, n seeds):", "",

@@ -56,9 +56,9 @@ from lamda_peft.tuners.lamda.activations import initialize_from_activations  # n
 
 RESULTS = ROOT / "docs" / "results"
 LOG = RESULTS / "lamda_ablation_runs.jsonl"
-DEFAULTS = dict(method="lamda", steps=100, seed=0, lr=1e-3, lr_S=None, lr_B=None, lr_head=None, freeze_ratio=0.3,
-                warmup=0.06, alpha="16", init="spectral", subspace="top", r=8, freeze_order="largest_first")
 R = 8  # the rank of every run unless a cell sets r
+DEFAULTS = dict(method="lamda", steps=100, seed=0, lr=1e-3, lr_S=None, lr_B=None, lr_head=None, freeze_ratio=0.3,
+                warmup=0.06, alpha="16", init="spectral", subspace="top", r=R, freeze_order="largest_first")
 
 
 def cell(**kw: Any) -> dict:
