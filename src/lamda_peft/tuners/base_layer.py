@@ -93,6 +93,17 @@ class LowRankDeltaLayer(nn.Module, BaseTunerLayer):
         return B
 
     # -- init -------------------------------------------------------------------------------------------
+    def _set_rank(self, adapter: str, r: int, lora_alpha: float, module_name: str) -> None:
+        """Record ``r`` and the scale ``lora_alpha / r`` for ``adapter``, after checking that r fits the weight."""
+        d_in, d_out = self.in_features, self.out_features
+        if not 1 <= r <= min(d_in, d_out):
+            raise ValueError(
+                f"{module_name or 'module'}: r={r} exceeds min(d_in, d_out) = min({d_in}, {d_out}); use a smaller r, "
+                "or a smaller rank for this module in rank_pattern."
+            )
+        self.r[adapter] = r
+        self.scaling[adapter] = lora_alpha / r
+
     def _assign_factors(self, adapter: str, init_fn: InitFn, *, defer: bool) -> None:
         """Run ``init_fn`` now, or keep it for later if ``defer`` (the adapter is being loaded from a checkpoint).
 

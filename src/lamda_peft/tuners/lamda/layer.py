@@ -60,14 +60,8 @@ class LamdaLinear(LowRankDeltaLayer):
                      module_name: str = "", defer_init: bool = False, svd: Optional[TopSVD] = None) -> None:
         """Add adapter ``adapter_name``: allocate A, S, B, B0S0 and initialize them (now, or deferred on load)."""
         d_in, d_out = self.in_features, self.out_features
-        if not 1 <= r <= min(d_in, d_out):
-            raise ValueError(
-                f"{module_name or 'module'}: r={r} exceeds min(d_in, d_out) = min({d_in}, {d_out}); use a smaller r, "
-                "or a smaller rank for this module in rank_pattern."
-            )
+        self._set_rank(adapter_name, r, lora_alpha, module_name)
         weight = self.get_base_layer().weight
-        self.r[adapter_name] = r
-        self.scaling[adapter_name] = lora_alpha / r
         self.lamda_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         f32 = dict(device=weight.device, dtype=torch.float32)
         self.lamda_A[adapter_name] = torch.zeros(r, d_in, device=weight.device, dtype=factor_dtype(self.get_base_layer()))

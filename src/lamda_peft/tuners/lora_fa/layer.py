@@ -80,14 +80,8 @@ class LoraFALinear(LowRankDeltaLayer):
     def update_layer(self, adapter_name: str, config: LoraFAConfig, r: int, lora_alpha: float, *,
                      module_name: str = "", defer_init: bool = False) -> None:
         d_in, d_out = self.in_features, self.out_features
-        if not 1 <= r <= min(d_in, d_out):
-            raise ValueError(
-                f"{module_name or 'module'}: r={r} exceeds min(d_in, d_out) = min({d_in}, {d_out}); use a smaller r, "
-                "or a smaller rank for this module in rank_pattern."
-            )
+        self._set_rank(adapter_name, r, lora_alpha, module_name)
         weight = self.get_base_layer().weight
-        self.r[adapter_name] = r
-        self.scaling[adapter_name] = lora_alpha / r
         self.grad_correction[adapter_name] = config.grad_correction
         self.lorafa_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.lorafa_A[adapter_name] = torch.zeros(r, d_in, device=weight.device, dtype=factor_dtype(self.get_base_layer()))
