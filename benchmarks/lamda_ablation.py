@@ -161,6 +161,9 @@ PLANS: dict[str, list[dict]] = {
     #     no warmup, a longer warmup, rsLoRA scaling, S = 0 at init
     "knobs400b": _grid((400,), (0,), [dict(lr_S=1e-2, warmup=0.0), dict(lr_S=1e-2, warmup=0.2),
                                       dict(lr_S=1e-2, alpha="rs16"), dict(lr_S=1e-2, init="spectral_zero")]),
+    # 12. (session 5) the two knobs that each helped at 400 steps, together: r = 32 (S at the rule's 2.5x) and
+    #     B frozen over the first 70%: the best configuration faithful to the method?
+    "best_faithful": _grid((400,), (0, 1, 2), [dict(lr_S=2.5e-3, r=32, alpha="64", freeze_ratio=0.7)]),
 }
 
 
