@@ -56,6 +56,8 @@ ADAPTER_LRS = (1e-3, 3e-3, 1e-2)
 # The separating preset (400 steps) starts one rung lower: at that budget 1e-2 sends LoRA, PiSSA and LaMDA to chance
 # on SST-2, and the ladder still adds 1e-2 for a method whose choice lands on 3e-3.
 SEPARATING_ADAPTER_LRS = (3e-4, 1e-3, 3e-3)
+# The separating preset's budget (every task with signal: 4x the steps, 128 tokens, widened grids, the head fix).
+SEPARATING = dict(steps=400, max_length=128, select_size=500, widen=True, regression_bias="label-mean")
 FULL_LRS = (5e-5, 1e-4)
 
 
@@ -75,7 +77,10 @@ def score(task: str, metrics: dict) -> float:
     return 100 * float(np.mean([metrics[k] for k in TASKS[task][2]]))
 
 
-def one_run(task: str, method: str, lr: float, seed: int, data, opts) -> dict:
+def one_run(task: str, method: str, lr: float, seed: int, data, opts, lr_options: dict | None = None,
+            logging_steps: int | None = None, callbacks: tuple = ()) -> dict:
+    """Train one method on one task and score it on the held-out rows and dev. ``lr_options`` (lr_S, lr_B,
+    lr_head) and ``callbacks`` are for probes (glue_probe.py); the benchmark uses the library's defaults."""
     train, select, dev = data
     spec = infer_spec(train, dev, **TASKS[task][1], max_length=opts.max_length)
     torch.manual_seed(seed)  # the head's init too
@@ -88,11 +93,13 @@ def one_run(task: str, method: str, lr: float, seed: int, data, opts) -> dict:
     model = model if cfg is None else get_peft_model(model, cfg)
     start = trainable(model)
     args = SimpleNamespace(batch_size=opts.batch_size, lr=lr, epochs=None, max_steps=opts.steps, seed=seed,
-                           eval_steps=None, method=method)
+                           eval_steps=None, method=method, logging_steps=logging_steps, **(lr_options or {}))
     began = time.time()
-    trainer = train_model(model, tokenizer, spec, spec.encode(train, tokenizer), None, args, Path("/tmp/glue-bench"))
+    trainer = train_model(model, tokenizer, spec, spec.encode(train, tokenizer), None, args, Path("/tmp/glue-bench"),
+                          callbacks=callbacks)
     return {
         "task": task, "method": method, "lr": lr, "seed": seed, "steps": trainer.state.global_step,
+        "train_loss": [[e["step"], round(e["loss"], 4)] for e in trainer.state.log_history if "loss" in e],
         "trainable_start": start, "trainable_end": trainable(model), "train_seconds": round(time.time() - began, 1),
         "select": evaluate(model, tokenizer, spec, spec.encode(select, tokenizer), 64),
         "dev": evaluate(model, tokenizer, spec, spec.encode(dev, tokenizer), 64),
@@ -257,8 +264,8 @@ def main() -> None:
                         "yet show '-', and a task mean needs every task)")
     opts = p.parse_args()
     if opts.preset == "separating":  # every task with signal: 4x the steps, 128 tokens, widened grids, head fix
-        opts.steps, opts.max_length, opts.select_size, opts.widen = max(opts.steps, 400), 128, 500, True
-        opts.regression_bias, opts.label = "label-mean", opts.label if opts.label != "budget" else "separating"
+        vars(opts).update({**SEPARATING, "steps": max(opts.steps, SEPARATING["steps"])})
+        opts.label = opts.label if opts.label != "budget" else "separating"
         if opts.adapter_lrs == list(ADAPTER_LRS):  # not set on the command line
             opts.adapter_lrs = list(SEPARATING_ADAPTER_LRS)
     if not GLUE.is_dir():
