@@ -10,7 +10,7 @@ on dev.
     python benchmarks/glue.py --tasks SST-2 RTE --train-size 256 --select-size 128 --steps 25 --seeds 0 \
         --adapter-lrs 1e-3 --full-lrs 5e-5 --label reduced     # a smoke run (minutes)
     python benchmarks/glue.py --preset separating     # the rebuilt run (docs/results/glue.md): 400 steps, 128 tokens,
-                                                     # widened lr grids, regression head at the label mean
+                                                     # widened lr grids, regression head at the label mean, no CoLA
     python benchmarks/glue.py --preset separating --report   # the table and plot from the log so far (no runs)
 
 Each finished run is appended to docs/results/glue_<label>_runs.jsonl, and a rerun skips runs already there, so an
@@ -58,6 +58,10 @@ ADAPTER_LRS = (1e-3, 3e-3, 1e-2)
 SEPARATING_ADAPTER_LRS = (3e-4, 1e-3, 3e-3)
 # The separating preset's budget (every task with signal: 4x the steps, 128 tokens, widened grids, the head fix).
 SEPARATING = dict(steps=400, max_length=128, select_size=500, widen=True, regression_bias="label-mean")
+# CoLA is left out of the preset's tasks (and its mean): MiniLM does not learn it at any budget tried. LoRA's Matthews
+# correlation is 11.1 ± 3.6 at 400 steps, 11.4 at 1200 steps (training loss 0.12: it memorises the 2,000 rows) and
+# 0.0 with all 8,051 rows (docs/results/glue.md, "CoLA"). `--tasks CoLA` still runs it.
+SEPARATING_TASKS = ["SST-2", "MRPC", "RTE", "STS-B"]
 FULL_LRS = (5e-5, 1e-4)
 
 
@@ -240,7 +244,8 @@ def write_report(runs: list[dict], opts, stem: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--tasks", nargs="+", choices=list(TASKS), help="default: every task (the separating preset: "
+                                                                  "every task but CoLA)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--train-size", type=int, default=2000, help="training rows (subsampled, seeded)")
     p.add_argument("--select-size", type=int, default=300, help="held-out training rows for choosing the lr")
@@ -266,8 +271,10 @@ def main() -> None:
     if opts.preset == "separating":  # every task with signal: 4x the steps, 128 tokens, widened grids, head fix
         vars(opts).update({**SEPARATING, "steps": max(opts.steps, SEPARATING["steps"])})
         opts.label = opts.label if opts.label != "budget" else "separating"
+        opts.tasks = opts.tasks or list(SEPARATING_TASKS)
         if opts.adapter_lrs == list(ADAPTER_LRS):  # not set on the command line
             opts.adapter_lrs = list(SEPARATING_ADAPTER_LRS)
+    opts.tasks = opts.tasks or list(TASKS)
     if not GLUE.is_dir():
         sys.exit(f"GLUE data not found at {GLUE} (the benchmark reads ../shared/data/glue)")
     RESULTS.mkdir(parents=True, exist_ok=True)
