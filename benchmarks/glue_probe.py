@@ -7,7 +7,8 @@ task, split, head init, data order) with the per-group learning rates given here
     loss, grad_norm          the Trainer's (grad_norm before clipping)
     S_drift                  max over modules of ||S - I||_F (LaMDA's core; S starts at I)
     B_drift                  max over modules of ||B - B0||_F / ||B0||_F (B starts at B0; frozen columns stay)
-    delta_rel                max over modules of ||s (B S - B0 S0) A||_F / ||W0||_F (what the adapter changed)
+    delta_rel                max over modules of ||s (B S - B0 S0) A||_F / ||W0||_F (what the adapter changed), and
+                             delta_rel_module, the module where it is largest
     head_norm                ||head parameters||_F (the modules trained in full)
 
     python benchmarks/glue_probe.py --task STS-B --method lamda++ --lr 1e-3 --seed 1            # the collapsed run
@@ -40,9 +41,9 @@ def drift(model: torch.nn.Module) -> dict[str, float]:
     """The max drifts of every LaMDA layer's S, B and delta weight, and the norm of the head (see module doc)."""
     from peft.utils.other import ModulesToSaveWrapper
 
-    s_drift, b_drift, delta = [0.0], [0.0], [0.0]
+    s_drift, b_drift, delta = [0.0], [0.0], [(0.0, "")]
     head = 0.0
-    for module in model.modules():
+    for name, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper):
             head += sum(float(p.float().pow(2).sum()) for p in module.modules_to_save.parameters())
         if not isinstance(getattr(module, "lamda_S", None), torch.nn.ParameterDict):
@@ -53,8 +54,11 @@ def drift(model: torch.nn.Module) -> dict[str, float]:
             s_drift.append(float(torch.linalg.norm(S - eye)))
             b_drift.append(float(torch.linalg.norm(B - B0) / torch.linalg.norm(B0).clamp_min(1e-12)))
             weight = module.get_base_layer().weight.float()
-            delta.append(float(torch.linalg.norm(module.get_delta_weight(adapter).float()) / torch.linalg.norm(weight)))
-    return {"S_drift": max(s_drift), "B_drift": max(b_drift), "delta_rel": max(delta), "head_norm": head ** 0.5}
+            delta.append((float(torch.linalg.norm(module.get_delta_weight(adapter).float()) / torch.linalg.norm(weight)),
+                          name.removeprefix("base_model.model.")))
+    top = max(delta)
+    return {"S_drift": max(s_drift), "B_drift": max(b_drift), "delta_rel": top[0], "delta_rel_module": top[1],
+            "head_norm": head ** 0.5}
 
 
 class DriftRecorder(TrainerCallback):
