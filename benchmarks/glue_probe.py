@@ -87,6 +87,7 @@ def run_probe(opts: argparse.Namespace) -> dict:
 
 
 def report(probes: list[dict]) -> None:
+    probes = sorted(probes, key=lambda q: (q["task"], q["method"], q["lr"], q["lr_S"] or 0, q["seed"]))
     lines = ["| task | method | lr | seed | lr_S | lr_B | lr_head | dev | final loss | max S drift | max B drift "
              "| max delta/W0 | head norm |", "|" + "---|" * 13]
     for p in probes:
