@@ -164,6 +164,9 @@ PLANS: dict[str, list[dict]] = {
     # 12. (session 5) the two knobs that each helped at 400 steps, together: r = 32 (S at the rule's 2.5x) and
     #     B frozen over the first 70%: the best configuration faithful to the method?
     "best_faithful": _grid((400,), (0, 1, 2), [dict(lr_S=2.5e-3, r=32, alpha="64", freeze_ratio=0.7)]),
+    # 13. (session 6) S at 5x lr instead of 10x: at 400 steps it lifted LaMDA and LaMDA++ on SST-2 and ended
+    #     LaMDA++'s stall on STS-B (glue.md); does the short budget, where 10x was chosen, lose by it?
+    "half_S": _grid((100,), (0, 1, 2), [dict(lr_S=5e-3)]),
 }
 
 
