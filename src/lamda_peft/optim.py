@@ -41,11 +41,11 @@ from torch import nn
 
 #: lr_S = lr * this (up to rank LAMDA_LR_S_REFERENCE_RANK) and LaMDA's lr_B = lr * that when not given. One Adam step
 #: on S moves the model ~9x less than a LoRA step at the same lr (the paper's init makes S's step a *relative* lr on
-#: each module's top-r part); 10x lr for S gave 70.5 (3 seeds) instead of 59.1 (2 seeds) on SST-2 at 100 steps, lr
-#: 1e-3, r = 8, and 5x 69.6 (3 seeds, paired -0.9 +- 1.6: even within noise). 5x rather than 10x: at 400 steps it gains 1.3 points on
-#: SST-2 (3 seeds, each up), ends LaMDA++'s stall at the label mean on STS-B (81.7 +- 0.6 over 3 seeds against
-#: 71.2 +- 15.1), and at lr 3e-3 LaMDA learns (74.7) where 10x sent it to chance. Lowering B's lr gave nothing.
-#: docs/learning_rates.md has the numbers.
+#: each module's top-r part). On SST-2 at 100 steps (lr 1e-3, r = 8) 10x gave 70.5 (3 seeds) instead of 59.1 at 1x
+#: (2 seeds), and 5x 69.6 (paired -0.9 +- 1.6: even within noise). 5x rather than 10x (session 6): at 400 steps it
+#: gains 1.3 points on SST-2 (3 seeds, each up), ends LaMDA++'s stall at the label mean on STS-B (81.7 +- 0.6 over 3
+#: seeds against 71.2 +- 15.1), and at lr 3e-3 LaMDA learns (74.7) where 10x went to chance. Lowering B's lr gave
+#: nothing. docs/learning_rates.md has the numbers.
 LAMDA_LR_S_MULTIPLIER = 5.0
 LAMDA_LR_B_MULTIPLIER = 1.0
 #: Above this rank S's default rate falls as 1/r. Adam moves each of S's r^2 entries by ~lr_S, so a step changes the
