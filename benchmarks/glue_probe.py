@@ -11,11 +11,13 @@ task, split, head init, data order) with the per-group learning rates given here
                              delta_rel_module, the module where it is largest
     head_norm                ||head parameters||_F (the modules trained in full)
 
-    python benchmarks/glue_probe.py --task STS-B --method lamda++ --lr 1e-3 --seed 1            # the collapsed run
-    python benchmarks/glue_probe.py --task STS-B --method lamda++ --lr 1e-3 --seed 1 --lr-S 5e-3
+    python benchmarks/glue_probe.py --task STS-B --method lamda++ --lr 1e-3 --seed 1            # S by the default rule
+    python benchmarks/glue_probe.py --task STS-B --method lamda++ --lr 1e-3 --seed 1 --lr-S 1e-2 # S at one given rate
     python benchmarks/glue_probe.py --report      # table of every probe + docs/results/glue_probes.png
 
-Each probe is appended to docs/results/glue_probes.jsonl; a probe already there is skipped.
+Each probe is appended to docs/results/glue_probes.jsonl; a probe already there is skipped. A probe without --lr-S
+records the default rule it ran under (``lr_S_rule``): the 49.9 replay ran under the rule before session 6 (10x lr
+up to r = 8, then 10x * 8 / r), which the library no longer has.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from transformers import TrainerCallback
 
 from glue import RESULTS, SEPARATING, TASKS, one_run, score, split
+from lamda_peft.optim import LAMDA_LR_S_MULTIPLIER, LAMDA_LR_S_REFERENCE_RANK
 
 LOG = RESULTS / "glue_probes.jsonl"
 EVERY = 8
@@ -74,7 +77,13 @@ class DriftRecorder(TrainerCallback):
 
 
 def probe_key(p: dict) -> tuple:
-    return (p["task"], p["method"], p["lr"], p["seed"], p["steps"], p.get("lr_S"), p.get("lr_B"), p.get("lr_head"))
+    return (p["task"], p["method"], p["lr"], p["seed"], p["steps"], p.get("lr_S"), p.get("lr_S_rule"), p.get("lr_B"),
+            p.get("lr_head"))
+
+
+def default_rule() -> str:
+    """The library's default rule for S's rate, as recorded with a probe that does not set --lr-S."""
+    return f"{LAMDA_LR_S_MULTIPLIER:g}x lr up to r = {LAMDA_LR_S_REFERENCE_RANK}"
 
 
 def run_probe(opts: argparse.Namespace) -> dict:
@@ -83,7 +92,8 @@ def run_probe(opts: argparse.Namespace) -> dict:
     curve: list[dict] = []
     record = one_run(opts.task, opts.method, opts.lr, opts.seed, split(opts.task, bench.train_size, bench.select_size),
                      bench, lr_options=lr_options, logging_steps=EVERY, callbacks=[DriftRecorder(curve)])
-    return {**record, "lr_S": opts.lr_S, "lr_B": opts.lr_B, "lr_head": opts.lr_head, "curve": curve}
+    return {**record, "lr_S": opts.lr_S, "lr_S_rule": None if opts.lr_S is not None else default_rule(),
+            "lr_B": opts.lr_B, "lr_head": opts.lr_head, "curve": curve}
 
 
 def report(probes: list[dict]) -> None:
@@ -93,6 +103,7 @@ def report(probes: list[dict]) -> None:
     for p in probes:
         end = p["curve"][-1] if p["curve"] else {}
         opt = [f"{p[k]:g}" if p.get(k) is not None else "default" for k in ("lr_S", "lr_B", "lr_head")]
+        opt[0] = opt[0] if p.get("lr_S") is not None else f"default ({p.get('lr_S_rule')})"
         lines.append(f"| {p['task']} | {p['method']} | {p['lr']:g} | {p['seed']} | " + " | ".join(opt)
                      + f" | {score(p['task'], p['dev']):.1f} | {end.get('loss', float('nan')):.3f} | "
                      + " | ".join(f"{max(c[k] for c in p['curve']):.3g}" for k in ("S_drift", "B_drift", "delta_rel"))
@@ -107,7 +118,7 @@ def report(probes: list[dict]) -> None:
     keys = ("loss", "grad_norm", "S_drift", "B_drift", "delta_rel", "head_norm")
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for i, p in enumerate(probes):
-        label = f"{p['task']} {p['method']} seed {p['seed']} lr_S={p.get('lr_S') or 'default'}" + (
+        label = f"{p['task']} {p['method']} seed {p['seed']} lr_S={p.get('lr_S') or p.get('lr_S_rule')}" + (
             f" lr_B={p['lr_B']:g}" if p.get("lr_B") else "") + (f" lr_head={p['lr_head']:g}" if p.get("lr_head") else "")
         steps = [c["step"] for c in p["curve"]]
         for ax, k in zip(axes.flat, keys):
@@ -132,7 +143,8 @@ def main() -> None:
     opts = p.parse_args()
     probes = [json.loads(line) for line in LOG.read_text().splitlines()] if LOG.exists() else []
     if not opts.report:
-        wanted = (opts.task, opts.method, opts.lr, opts.seed, opts.steps, opts.lr_S, opts.lr_B, opts.lr_head)
+        wanted = (opts.task, opts.method, opts.lr, opts.seed, opts.steps, opts.lr_S,
+                  None if opts.lr_S is not None else default_rule(), opts.lr_B, opts.lr_head)
         if any(probe_key(q) == wanted for q in probes):
             print(f"already in {LOG.name}: {wanted}", file=sys.stderr)
         else:
