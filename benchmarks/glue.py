@@ -81,6 +81,11 @@ def score(task: str, metrics: dict) -> float:
     return 100 * float(np.mean([metrics[k] for k in TASKS[task][2]]))
 
 
+def training_losses(trainer) -> list[list]:
+    """[[step, loss], ...] from the Trainer's log (every ``logging_steps``), rounded for the run logs."""
+    return [[e["step"], round(e["loss"], 4)] for e in trainer.state.log_history if "loss" in e]
+
+
 def one_run(task: str, method: str, lr: float, seed: int, data, opts, lr_options: dict | None = None,
             logging_steps: int | None = None, callbacks: tuple = ()) -> dict:
     """Train one method on one task and score it on the held-out rows and dev. ``lr_options`` (lr_S, lr_B,
@@ -103,7 +108,7 @@ def one_run(task: str, method: str, lr: float, seed: int, data, opts, lr_options
                           callbacks=callbacks)
     return {
         "task": task, "method": method, "lr": lr, "seed": seed, "steps": trainer.state.global_step,
-        "train_loss": [[e["step"], round(e["loss"], 4)] for e in trainer.state.log_history if "loss" in e],
+        "train_loss": training_losses(trainer),
         "trainable_start": start, "trainable_end": trainable(model), "train_seconds": round(time.time() - began, 1),
         "select": evaluate(model, tokenizer, spec, spec.encode(select, tokenizer), 64),
         "dev": evaluate(model, tokenizer, spec, spec.encode(dev, tokenizer), 64),

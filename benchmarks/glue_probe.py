@@ -76,14 +76,17 @@ class DriftRecorder(TrainerCallback):
                                **drift(model)})
 
 
+KEY = ("task", "method", "lr", "seed", "steps", "lr_S", "lr_S_rule", "lr_B", "lr_head")
+
+
 def probe_key(p: dict) -> tuple:
-    return (p["task"], p["method"], p["lr"], p["seed"], p["steps"], p.get("lr_S"), p.get("lr_S_rule"), p.get("lr_B"),
-            p.get("lr_head"))
+    return tuple(p.get(k) for k in KEY)
 
 
-def default_rule() -> str:
-    """The library's default rule for S's rate, as recorded with a probe that does not set --lr-S."""
-    return f"{LAMDA_LR_S_MULTIPLIER:g}x lr up to r = {LAMDA_LR_S_REFERENCE_RANK}"
+def settings(opts: argparse.Namespace) -> dict:
+    """What identifies a probe; without --lr-S, the library's default rule for S's rate it runs under."""
+    rule = None if opts.lr_S is not None else f"{LAMDA_LR_S_MULTIPLIER:g}x lr up to r = {LAMDA_LR_S_REFERENCE_RANK}"
+    return {**{k: getattr(opts, k) for k in KEY if k != "lr_S_rule"}, "lr_S_rule": rule}
 
 
 def run_probe(opts: argparse.Namespace) -> dict:
@@ -92,8 +95,7 @@ def run_probe(opts: argparse.Namespace) -> dict:
     curve: list[dict] = []
     record = one_run(opts.task, opts.method, opts.lr, opts.seed, split(opts.task, bench.train_size, bench.select_size),
                      bench, lr_options=lr_options, logging_steps=EVERY, callbacks=[DriftRecorder(curve)])
-    return {**record, "lr_S": opts.lr_S, "lr_S_rule": None if opts.lr_S is not None else default_rule(),
-            "lr_B": opts.lr_B, "lr_head": opts.lr_head, "curve": curve}
+    return {**record, **settings(opts), "curve": curve}
 
 
 def report(probes: list[dict]) -> None:
@@ -143,8 +145,7 @@ def main() -> None:
     opts = p.parse_args()
     probes = [json.loads(line) for line in LOG.read_text().splitlines()] if LOG.exists() else []
     if not opts.report:
-        wanted = (opts.task, opts.method, opts.lr, opts.seed, opts.steps, opts.lr_S,
-                  None if opts.lr_S is not None else default_rule(), opts.lr_B, opts.lr_head)
+        wanted = probe_key(settings(opts))
         if any(probe_key(q) == wanted for q in probes):
             print(f"already in {LOG.name}: {wanted}", file=sys.stderr)
         else:

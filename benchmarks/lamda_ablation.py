@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import lamda_peft  # noqa: E402,F401
-from glue import TASKS, split  # noqa: E402
+from glue import TASKS, split, training_losses  # noqa: E402
 from lamda_peft.cli.eval import collator_for, evaluate, load_base  # noqa: E402
 from lamda_peft.data import infer_spec  # noqa: E402
 from lamda_peft.models import minilm_path  # noqa: E402
@@ -246,7 +246,7 @@ def one_run(c: dict, data) -> dict:
                       data_collator=collator_for(spec, tokenizer), optimizers=(optimizer, None), callbacks=callbacks)
     began = time.time()
     trainer.train()
-    losses = [(h["step"], round(h["loss"], 4)) for h in trainer.state.log_history if "loss" in h]
+    losses = training_losses(trainer)
     return {**c, "groups": describe_groups(groups), "train_seconds": round(time.time() - began, 1),
             "train_loss": losses,
             "dev": evaluate(model, tokenizer, spec, spec.encode(dev, tokenizer), 64)}
