@@ -18,7 +18,8 @@ TARGETS = ["query", "value", "dense"]
 
 
 def tiny_classifier(config, seed: int = 0, hidden: int = 16):
-    """A 2-layer BERT (hidden 16) with a 2-class head, wrapped with ``config`` (SEQ_CLS: the head is trained)."""
+    """A 2-layer BERT (hidden 16 unless given) with a 2-class head, wrapped with ``config`` (SEQ_CLS: the head is
+    trained)."""
     torch.manual_seed(seed)
     bert = BertConfig(vocab_size=64, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
                       intermediate_size=2 * hidden, max_position_embeddings=32, num_labels=2)
