@@ -11,6 +11,7 @@ from .callbacks import LamdaCallback
 from .export import export_lora
 from .freezing import PMBFreezer, attach_freezing, freeze_count
 from .optim import lamda_param_groups
+from .stall import loss_ratio
 from .tuners.lamda import LamdaConfig, LamdaLayer, LamdaModel
 from .tuners.lamda.activations import initialize_from_activations
 from .tuners.lora_fa import LoraFAConfig, LoraFALayer, LoraFAModel
@@ -34,4 +35,5 @@ __all__ = [
     "export_lora",
     "initialize_from_activations",
     "lamda_param_groups",
+    "loss_ratio",
 ]

@@ -6,6 +6,10 @@ T is the Trainer's ``state.max_steps`` (it already folds in epochs, steps per ep
 The hooks go on the Trainer's optimizer at ``on_train_begin``; from then on ``lamda_peft.freezing`` does the work
 on every optimizer step. The logs get ``lamda_frozen_columns`` (over all modules) and ``lamda_frozen_fraction``.
 
+Stall check: at the first log once B is fully frozen, the log gets ``lamda_loss_ratio`` (the mean logged loss over
+the last third of the freezing window over that over its first third, ``lamda_peft.stall``), and the callback warns
+when the loss fell less than ``stall_min_decrease``.
+
 Resume: the callback is an ``ExportableState``, so the Trainer stores its state in ``trainer_state.json``. The
 freezing step is ``global_step`` minus the optimizer steps a loss scaler skipped, and the columns frozen by then
 are frozen at once from the checkpoint's B, whose frozen columns hold exactly their frozen values.
@@ -22,6 +26,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .freezing import PMBFreezer, Release, attach_freezing, check_release
+from .stall import DEFAULT_MIN_DECREASE, check_min_decrease, loss_ratio, warn_if_stalled
 from .tuners.base_layer import LowRankDeltaLayer
 
 
@@ -55,17 +60,24 @@ class LamdaCallback(TrainerCallback, ExportableState):
         release: what happens to B once fully frozen, as in :func:`lamda_peft.attach_freezing`. Under the Trainer's
             DDP (several processes, ``find_unused_parameters`` unset) ``"auto"`` keeps B masked.
         adapter_name: the LaMDA adapter to freeze (default: the active ones).
+        stall_min_decrease: warn when the logged loss fell by less than this fraction over the freezing window
+            (``lamda_peft.stall``); ``None`` turns the check off. It needs a logged loss in the first and in the last
+            third of the window: ``logging_steps`` at most ``freeze_ratio * max_steps / 3``.
     """
 
-    def __init__(self, release: Release = "auto", adapter_name: Optional[str] = None) -> None:
+    def __init__(self, release: Release = "auto", adapter_name: Optional[str] = None,
+                 stall_min_decrease: Optional[float] = DEFAULT_MIN_DECREASE) -> None:
         self.release = check_release(release)
         self.adapter_name = adapter_name
+        self.stall_min_decrease = check_min_decrease(stall_min_decrease)
         self.skipped_steps = 0  # optimizer steps the loss scaler skipped (they do not advance the schedule)
+        self.stall_checked = False  # in the saved state: a resumed run does not check (and warn) twice
         self.freezer: Optional[PMBFreezer] = None
 
     def state(self) -> dict:
-        return {"args": {"release": self.release, "adapter_name": self.adapter_name},
-                "attributes": {"skipped_steps": self.skipped_steps}}
+        return {"args": {"release": self.release, "adapter_name": self.adapter_name,
+                         "stall_min_decrease": self.stall_min_decrease},
+                "attributes": {"skipped_steps": self.skipped_steps, "stall_checked": self.stall_checked}}
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs: Any):
         if model is None or optimizer is None:
@@ -90,6 +102,14 @@ class LamdaCallback(TrainerCallback, ExportableState):
             return
         figures = {"lamda_frozen_columns": self.freezer.frozen_columns,
                    "lamda_frozen_fraction": round(self.freezer.frozen_fraction, 4)}
+        if not self.stall_checked and self.freezer.step >= self.freezer.freeze_end_step:
+            self.stall_checked = True
+            end = self.freezer.freeze_end_step
+            ratio = loss_ratio([(e["step"], e["loss"]) for e in state.log_history if "loss" in e], end)
+            if ratio is not None:
+                figures["lamda_loss_ratio"] = round(ratio, 4)
+                if state.is_world_process_zero:
+                    warn_if_stalled(ratio, end, self.stall_min_decrease)
         logs.update(figures)
         # The Trainer appended a copy of ``logs`` to the history before calling the callbacks.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:

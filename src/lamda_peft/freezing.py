@@ -175,6 +175,7 @@ class PMBFreezer:
 
     Attributes for a plain loop: ``step`` (optimizer steps done), ``total_steps``, ``frozen_columns`` (over all
     modules), ``total_columns``, ``frozen_fraction``, ``released``; ``state()`` returns them as a dict.
+    ``freeze_end_step`` is the step by which B is fully frozen (for ``lamda_peft.loss_ratio``).
     """
 
     def __init__(self, model: nn.Module, optimizer: Any, total_steps: int, *, adapter_name: Optional[str] = None,
@@ -287,6 +288,11 @@ class PMBFreezer:
     @property
     def released(self) -> bool:
         return all(t.released for t in self.targets)
+
+    @property
+    def freeze_end_step(self) -> int:
+        """The step by which every B is fully frozen: ceil(freeze_ratio T), the largest over the adapters."""
+        return max(math.ceil(t.freeze_ratio * self.total_steps) for t in self.targets)
 
     def state(self) -> dict[str, Any]:
         return {
