@@ -92,14 +92,15 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_continues_the_freezing(sst2
     out = work / "runs" / "lamda-minilm-SST-2"  # default name: the data set's folder, not "train"
     early = tmp_path / "early-checkpoint"
 
-    # 1. Uninterrupted up to step >= 16 (and 8 past the early checkpoint), keeping a copy of its first checkpoint; then Ctrl-C.
+    # 1. Uninterrupted up to step >= 24 (past the freezing window, and 8 past the early checkpoint), keeping a copy of
+    #    its first checkpoint; then Ctrl-C.
     proc = start(argv, work)
     wait_for_checkpoint(proc, out, 4, copy_first_to=early)
     resumed_at = json.loads((early / "trainer_state.json").read_text())["global_step"]
-    wait_for_checkpoint(proc, out, max(16, resumed_at + 8))
+    wait_for_checkpoint(proc, out, max(24, resumed_at + 8))
     line = interrupt(proc)
     saved = steps_saved(out)
-    assert len(saved) == 1 and saved[0] >= 16, saved  # the last complete checkpoint, and only it
+    assert len(saved) == 1 and saved[0] >= 24, saved  # the last complete checkpoint, and only it
     assert line.startswith("lamda-peft: interrupted at step") and f"checkpoint-{saved[0]}" in line, line
     assert sorted(p.name for p in (work / "runs").iterdir()) == [out.name]  # no temporary folder left behind
     assert sorted(p.name for p in out.iterdir()) == [f"checkpoint-{saved[0]}"]  # no half-written run files
@@ -108,6 +109,11 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_continues_the_freezing(sst2
     reference = history(out / f"checkpoint-{saved[0]}")
     for step, entry in reference.items():  # the spec's schedule: k(t) = min(r, floor(r t / (ratio T))) per module
         assert entry["lamda_frozen_columns"] == MODULES * freeze_count(step, T, r, ratio), step
+    # the stall check, once, when B is fully frozen (step 20): losses over steps 14-20 over those over steps 1-6
+    assert [step for step, entry in reference.items() if "lamda_loss_ratio" in entry] == [20]
+    start_loss = sum(reference[s]["loss"] for s in range(1, 7)) / 6
+    end_loss = sum(reference[s]["loss"] for s in range(14, 21)) / 7
+    assert reference[20]["lamda_loss_ratio"] == pytest.approx(end_loss / start_loss, abs=1e-4)
 
     # 2. Resume from the early checkpoint into another folder; Ctrl-C again after 8 more steps.
     resumed_out = tmp_path / "resumed"
