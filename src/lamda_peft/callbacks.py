@@ -71,7 +71,7 @@ class LamdaCallback(TrainerCallback, ExportableState):
         self.adapter_name = adapter_name
         self.stall_min_decrease = check_min_decrease(stall_min_decrease)
         self.skipped_steps = 0  # optimizer steps the loss scaler skipped (they do not advance the schedule)
-        self.stall_checked = False  # in the saved state: a resumed run does not check (and warn) twice
+        self.stall_checked = False  # saved: with restore_callback_states_from_checkpoint a resume does not warn twice
         self.freezer: Optional[PMBFreezer] = None
 
     def state(self) -> dict:
