@@ -87,16 +87,17 @@ def training_losses(trainer) -> list[list]:
 
 
 def one_run(task: str, method: str, lr: float, seed: int, data, opts, lr_options: dict | None = None,
-            logging_steps: int | None = None, callbacks: tuple = ()) -> dict:
+            logging_steps: int | None = None, callbacks: tuple = (), freeze_ratio: float | None = None) -> dict:
     """Train one method on one task and score it on the held-out rows and dev. ``lr_options`` (lr_S, lr_B,
-    lr_head) and ``callbacks`` are for probes (glue_probe.py); the benchmark uses the library's defaults."""
+    lr_head), ``callbacks`` and ``freeze_ratio`` are for probes (glue_probe.py); the benchmark uses the library's
+    defaults."""
     train, select, dev = data
     spec = infer_spec(train, dev, **TASKS[task][1], max_length=opts.max_length)
     torch.manual_seed(seed)  # the head's init too
     model, tokenizer = load_base(minilm_path(), spec.task, len(spec.classes or []) or 2)
     if opts.regression_bias == "label-mean" and spec.task == "regression":  # the STS-B collapse fix, every method
         apply_regression_bias(model, spec.task, train.column(spec.label_column), "label-mean")
-    cfg = peft_config(method, opts.r, 2.0 * opts.r, "all-linear", spec.task, None)
+    cfg = peft_config(method, opts.r, 2.0 * opts.r, "all-linear", spec.task, freeze_ratio)
     from peft import get_peft_model
 
     model = model if cfg is None else get_peft_model(model, cfg)

@@ -2,7 +2,8 @@
 
 The benchmark (``glue.py``) keeps a run's scores; when a run collapses (LaMDA++ on STS-B, seed 1: dev 49.9 where
 seeds 0 and 2 reach 83.1 and 80.5) the question is *which group diverged, and when*. A probe replays that run (same
-task, split, head init, data order) with the per-group learning rates given here, and records every 8 steps:
+task, split, head init, data order) with the per-group learning rates (and LaMDA's freeze_ratio) given here, and
+records every 8 steps:
 
     loss, grad_norm          the Trainer's (grad_norm before clipping)
     S_drift                  max over modules of ||S - I||_F (LaMDA's core; S starts at I)
@@ -13,6 +14,7 @@ task, split, head init, data order) with the per-group learning rates given here
 
     python benchmarks/glue_probe.py --task STS-B --method lamda++ --lr 1e-3 --seed 1            # S by the default rule
     python benchmarks/glue_probe.py --task STS-B --method lamda++ --lr 1e-3 --seed 1 --lr-S 1e-2 # S at one given rate
+    python benchmarks/glue_probe.py --task MRPC --method lamda --lr 1e-3 --seed 0 --freeze-ratio 0.7   # B for longer
     python benchmarks/glue_probe.py --report      # table of every probe + docs/results/glue_probes.png
 
 Each probe is appended to docs/results/glue_probes.jsonl; a probe already there is skipped. A probe without --lr-S
@@ -76,7 +78,7 @@ class DriftRecorder(TrainerCallback):
                                **drift(model)})
 
 
-KEY = ("task", "method", "lr", "seed", "steps", "lr_S", "lr_S_rule", "lr_B", "lr_head")
+KEY = ("task", "method", "lr", "seed", "steps", "lr_S", "lr_S_rule", "lr_B", "lr_head", "freeze_ratio")
 
 
 def probe_key(p: dict) -> tuple:
@@ -94,21 +96,22 @@ def run_probe(opts: argparse.Namespace) -> dict:
     lr_options = {k: getattr(opts, k) for k in ("lr_S", "lr_B", "lr_head") if getattr(opts, k) is not None}
     curve: list[dict] = []
     record = one_run(opts.task, opts.method, opts.lr, opts.seed, split(opts.task, bench.train_size, bench.select_size),
-                     bench, lr_options=lr_options, logging_steps=EVERY, callbacks=[DriftRecorder(curve)])
+                     bench, lr_options=lr_options, logging_steps=EVERY, callbacks=[DriftRecorder(curve)],
+                     freeze_ratio=opts.freeze_ratio)
     return {**record, **settings(opts), "curve": curve}
 
 
 def report(probes: list[dict]) -> None:
     probes = sorted(probes, key=lambda q: (q["task"], q["method"], q["lr"], q["lr_S"] or 0, q["seed"]))
-    lines = ["| task | method | lr | seed | lr_S | lr_B | lr_head | dev | final loss | max S drift | max B drift "
-             "| max delta/W0 | head norm |", "|" + "---|" * 13]
+    lines = ["| task | method | lr | seed | lr_S | lr_B | lr_head | freeze_ratio | dev | final loss | max S drift "
+             "| max B drift | max delta/W0 | head norm |", "|" + "---|" * 14]
     for p in probes:
         end = p["curve"][-1] if p["curve"] else {}
-        opt = [f"{p[k]:g}" if p.get(k) is not None else "default" for k in ("lr_S", "lr_B", "lr_head")]
+        opt = [f"{p[k]:g}" if p.get(k) is not None else "default" for k in ("lr_S", "lr_B", "lr_head", "freeze_ratio")]
         opt[0] = opt[0] if p.get("lr_S") is not None else f"default ({p.get('lr_S_rule')})"
         lines.append(f"| {p['task']} | {p['method']} | {p['lr']:g} | {p['seed']} | " + " | ".join(opt)
                      + f" | {score(p['task'], p['dev']):.1f} | {end.get('loss', float('nan')):.3f} | "
-                     + " | ".join(f"{max(c[k] for c in p['curve']):.3g}" for k in ("S_drift", "B_drift", "delta_rel"))
+                     + " | ".join(f"{max((c[k] for c in p['curve']), default=float('nan')):.3g}" for k in ("S_drift", "B_drift", "delta_rel"))
                      + f" | {end.get('head_norm', float('nan')):.3g} |")
     (RESULTS / "glue_probes_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -121,7 +124,8 @@ def report(probes: list[dict]) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for i, p in enumerate(probes):
         label = f"{p['task']} {p['method']} seed {p['seed']} lr_S={p.get('lr_S') or p.get('lr_S_rule')}" + (
-            f" lr_B={p['lr_B']:g}" if p.get("lr_B") else "") + (f" lr_head={p['lr_head']:g}" if p.get("lr_head") else "")
+            f" lr_B={p['lr_B']:g}" if p.get("lr_B") else "") + (f" lr_head={p['lr_head']:g}" if p.get("lr_head") else "") + (
+            f" freeze_ratio={p['freeze_ratio']:g}" if p.get("freeze_ratio") is not None else "")
         steps = [c["step"] for c in p["curve"]]
         for ax, k in zip(axes.flat, keys):
             ax.plot(steps, [c[k] if c[k] is not None else np.nan for c in p["curve"]], color=f"C{i}", label=label)
@@ -138,6 +142,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--lr-S", dest="lr_S", type=float, help="S's rate (default: the library's rank rule)")
+    p.add_argument("--freeze-ratio", dest="freeze_ratio", type=float,
+                   help="LaMDA: fraction of the steps over which B freezes (default: the library's 0.3)")
     p.add_argument("--lr-B", dest="lr_B", type=float, help="B's rate (default: lr)")
     p.add_argument("--lr-head", dest="lr_head", type=float, help="the head's rate (default: lr)")
     p.add_argument("--steps", type=int, default=SEPARATING["steps"], help="the benchmark's (change for a smoke run)")
