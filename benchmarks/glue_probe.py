@@ -111,7 +111,8 @@ def report(probes: list[dict]) -> None:
         opt[0] = opt[0] if p.get("lr_S") is not None else f"default ({p.get('lr_S_rule')})"
         lines.append(f"| {p['task']} | {p['method']} | {p['lr']:g} | {p['seed']} | " + " | ".join(opt)
                      + f" | {score(p['task'], p['dev']):.1f} | {end.get('loss', float('nan')):.3f} | "
-                     + " | ".join(f"{max((c[k] for c in p['curve']), default=float('nan')):.3g}" for k in ("S_drift", "B_drift", "delta_rel"))
+                     + " | ".join(f"{max((c[k] for c in p['curve']), default=float('nan')):.3g}"
+                                  for k in ("S_drift", "B_drift", "delta_rel"))
                      + f" | {end.get('head_norm', float('nan')):.3g} |")
     (RESULTS / "glue_probes_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

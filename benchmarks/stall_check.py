@@ -20,10 +20,11 @@ import math
 import statistics
 from pathlib import Path
 
+from lamda_peft import LamdaConfig
 from lamda_peft.stall import DEFAULT_MIN_DECREASE, loss_ratio
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
-DEFAULT_FREEZE_RATIO = 0.3
+DEFAULT_FREEZE_RATIO = LamdaConfig().freeze_ratio  # the runs that did not set it ran with the library's default
 CHANCE_MARGIN = 0.05  # "at chance": a dev score within 5 points of the best constant prediction's
 
 

@@ -20,6 +20,7 @@ and STS-B, 100-1600 steps; ``benchmarks/stall_check.py``) the 40 that fell less 
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
 from typing import Any, Iterable, Optional
 
@@ -36,10 +37,6 @@ def check_min_decrease(value: Any) -> Optional[float]:
     return float(value)
 
 
-def _mean(values: list[float]) -> Optional[float]:
-    return sum(values) / len(values) if values else None
-
-
 def loss_ratio(losses: Iterable[tuple[int, float]], freeze_end: int) -> Optional[float]:
     """Mean loss over the last third of the freezing window (0, ``freeze_end``] over the mean over its first third.
 
@@ -54,23 +51,23 @@ def loss_ratio(losses: Iterable[tuple[int, float]], freeze_end: int) -> Optional
     if freeze_end < 3:
         return None
     logged = [(step, loss) for step, loss in losses if math.isfinite(loss)]
-    start = _mean([loss for step, loss in logged if 0 < step <= freeze_end / 3])
-    end = _mean([loss for step, loss in logged if 2 * freeze_end / 3 < step <= freeze_end])
-    if start is None or end is None or start <= 0:
+    start = [loss for step, loss in logged if 0 < step <= freeze_end / 3]
+    end = [loss for step, loss in logged if 2 * freeze_end / 3 < step <= freeze_end]
+    if not start or not end or statistics.fmean(start) <= 0:
         return None
-    return end / start
+    return statistics.fmean(end) / statistics.fmean(start)
 
 
 def warn_if_stalled(ratio: Optional[float], freeze_end: int, min_decrease: Optional[float]) -> bool:
-    """Warn (once per call) when ``ratio`` shows a fall of less than ``min_decrease``; return whether it did."""
+    """Warn when ``ratio`` shows a fall of less than ``min_decrease``; return whether it did."""
     if ratio is None or min_decrease is None or ratio <= 1 - min_decrease:
         return False
     warnings.warn(
         f"lamda_peft: the training loss has not left its start by step {freeze_end}, when B became fully frozen: its "
         f"mean over the last third of the freezing window is {ratio:.2f}x the mean over the first third (a fall of "
-        f"less than {min_decrease:.0%}). From here only S and the non-adapter trainables move; runs like this often end "
-        "far below the others, some at chance. Lower S's rate (lamda_param_groups(model, lr, lr_S=...), --lr-S) or lr, or keep B "
-        "training longer (a larger freeze_ratio); see docs/learning_rates.md, 'Stalls'. "
+        f"less than {min_decrease:.0%}). From here only S and the non-adapter trainables move; runs like this often "
+        "end far below the others, some at chance. Lower S's rate (lamda_param_groups(model, lr, lr_S=...), --lr-S) "
+        "or lr, or keep B training longer (a larger freeze_ratio); see docs/learning_rates.md, 'Stalls'. "
         "LamdaCallback(stall_min_decrease=None) turns this check off.",
         RuntimeWarning, stacklevel=2)
     return True
