@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lamda_peft.freezing import freeze_count  # noqa: E402
+from lamda_peft.schedule import freeze_count  # noqa: E402
 
 
 def main() -> None:

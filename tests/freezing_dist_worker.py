@@ -23,7 +23,7 @@ from conftest import make_tiny_llama  # noqa: E402
 
 import lamda_peft  # noqa: E402
 from lamda_peft import LamdaConfig, LamdaLayer, freeze_count  # noqa: E402
-from lamda_peft.freezing import frozen_columns  # noqa: E402
+from lamda_peft.schedule import frozen_columns  # noqa: E402
 
 T, R, RATIO = 10, 4, 0.5
 

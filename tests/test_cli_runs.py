@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from lamda_peft.freezing import freeze_count
+from lamda_peft.schedule import freeze_count
 
 pytestmark = pytest.mark.slow
 SST2_SMALL = ["--target-modules", "query", "value", "--batch-size", "4", "--max-length", "32"]

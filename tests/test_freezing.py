@@ -10,7 +10,7 @@ import torch
 from peft import get_peft_model
 
 from lamda_peft import LamdaConfig, LamdaLayer, LoraFAConfig, attach_freezing, freeze_count
-from lamda_peft.freezing import frozen_columns
+from lamda_peft.schedule import freeze_end_step, frozen_columns
 from lamda_peft.tuners.lora_fa import LoraFALayer
 
 from conftest import make_tiny_llama
@@ -30,6 +30,8 @@ def test_schedule_matches_the_formula(ratio):
             counts = [freeze_count(t, T, r, float(ratio)) for t in range(T + 1)]
             assert counts == [reference_count(t, T, r, ratio) for t in range(T + 1)]
             assert counts == sorted(counts) and counts[-1] == r
+            # freeze_end_step: the first step at which every column is frozen, for every rank alike
+            assert freeze_end_step(T, float(ratio)) == counts.index(r)
 
 
 def test_schedule_known_values():

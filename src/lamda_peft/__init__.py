@@ -9,7 +9,8 @@ from __future__ import annotations
 from ._peft_registry import register
 from .callbacks import LamdaCallback
 from .export import export_lora
-from .freezing import PMBFreezer, attach_freezing, freeze_count
+from .freezing import PMBFreezer, attach_freezing
+from .schedule import freeze_count
 from .optim import lamda_param_groups
 from .stall import loss_ratio
 from .tuners.lamda import LamdaConfig, LamdaLayer, LamdaModel

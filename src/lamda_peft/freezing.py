@@ -1,6 +1,6 @@
 """Gradual freezing of B (PMB), method.md section 3.2: exact, memory-saving, safe under DDP and FSDP2.
 
-Schedule: after optimizer step t of T, the first
+Schedule (``schedule.py``): after optimizer step t of T, the first
 
     k(t) = min(r, floor(r * t / (freeze_ratio * T)))
 
@@ -34,16 +34,16 @@ a loss scaler (``GradScaler.step`` found inf/NaN and did not call ``optimizer.st
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
 
 from .integrations import zero_optimizer
-from .tuners.lamda.config import FREEZE_ORDERS, LamdaConfig
+from .schedule import check_freeze_ratio, check_total_steps, freeze_count, freeze_end_step, frozen_columns
+from .tuners.lamda.config import LamdaConfig
 from .tuners.lamda.layer import LamdaLayer
 
 logger = logging.getLogger(__name__)
@@ -52,61 +52,10 @@ Release = Literal["auto", "always", "never"]
 RELEASE_CHOICES = ("auto", "always", "never")
 
 
-def _exact_ratio(freeze_ratio: Union[float, int, Fraction]) -> Fraction:
-    """freeze_ratio as the fraction the user wrote: 0.3 -> 3/10, not the binary float 0.29999999999999998889...
-
-    With the binary value, floor(r t / (0.1 T)) would land one below an exact integer (0.1 is stored slightly high).
-    """
-    if isinstance(freeze_ratio, (int, Fraction)):
-        return Fraction(freeze_ratio)
-    return Fraction(repr(float(freeze_ratio)))
-
-
-def check_freeze_ratio(freeze_ratio: Any) -> Fraction:
-    if isinstance(freeze_ratio, bool) or not isinstance(freeze_ratio, (int, float, Fraction)) \
-            or not 0 <= freeze_ratio <= 1 or (isinstance(freeze_ratio, float) and math.isnan(freeze_ratio)):
-        raise ValueError(
-            f"freeze_ratio must be a number in [0, 1] (0 freezes B from the start, 1 at the very end), "
-            f"got {freeze_ratio!r}; set LamdaConfig.freeze_ratio accordingly."
-        )
-    return _exact_ratio(freeze_ratio)
-
-
-def check_total_steps(total_steps: Any) -> int:
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
-        raise ValueError(
-            f"total_steps must be a positive integer (the number of optimizer steps of the run, e.g. "
-            f"epochs * ceil(batches per epoch / gradient accumulation)), got {total_steps!r}"
-        )
-    return total_steps
-
-
 def check_release(release: Any) -> str:
     if release not in RELEASE_CHOICES:
         raise ValueError(f"release={release!r} is not supported; choose one of {', '.join(map(repr, RELEASE_CHOICES))}")
     return release
-
-
-def freeze_count(step: int, total_steps: int, r: int, freeze_ratio: Union[float, Fraction]) -> int:
-    """k(t) = min(r, floor(r t / (freeze_ratio T))): how many columns of a rank-r B are frozen after step t.
-
-    Integer arithmetic on the exact fraction, so there is no float rounding at the integer boundaries.
-    freeze_ratio = 0 freezes everything from the start (k = r for every t >= 0).
-    """
-    ratio = _exact_ratio(freeze_ratio)
-    if ratio == 0:
-        return r
-    # r t / (ratio T) = r t den / (num T)
-    return min(r, (r * step * ratio.denominator) // (ratio.numerator * total_steps))
-
-
-def frozen_columns(k: int, r: int, order: str) -> slice:
-    """The columns of B frozen when k of r are: 0..k-1 (largest_first) or r-k..r-1 (smallest_first)."""
-    if order == "largest_first":
-        return slice(0, k)
-    if order == "smallest_first":
-        return slice(r - k, r)
-    raise ValueError(f"freeze_order={order!r} is not supported; choose one of {', '.join(map(repr, FREEZE_ORDERS))}")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -292,7 +241,7 @@ class PMBFreezer:
     @property
     def freeze_end_step(self) -> int:
         """The step by which every B is fully frozen: ceil(freeze_ratio T), the largest over the adapters."""
-        return max(math.ceil(t.freeze_ratio * self.total_steps) for t in self.targets)
+        return max(freeze_end_step(self.total_steps, t.freeze_ratio) for t in self.targets)
 
     def state(self) -> dict[str, Any]:
         return {

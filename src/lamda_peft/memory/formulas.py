@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..freezing import freeze_count
+from ..schedule import freeze_count
 
 METHODS = ("floor", "lora", "pissa", "lorafa", "lamda", "lamda_frozen")
 NF4_BLOCKSIZE = 64
@@ -40,7 +40,7 @@ def adapter_trainable_parameters(method: str, d_in: int, d_out: int, r: int) -> 
 
 def lamda_average_updates(d_out: int, r: int, freeze_ratio: float = 0.3, total_steps: int = 1000) -> float:
     """Parameter updates per step averaged over a run of T steps: mean over t of r^2 + (r - k(t)) d_out,
-    with k(t) = min(r, floor(r t / (freeze_ratio T))) frozen columns of B (``freezing.freeze_count``)."""
+    with k(t) = min(r, floor(r t / (freeze_ratio T))) frozen columns of B (``schedule.freeze_count``)."""
     trainable_cols = sum(r - freeze_count(t, total_steps, r, freeze_ratio) for t in range(total_steps))
     return r * r + d_out * trainable_cols / total_steps
 
