@@ -192,6 +192,28 @@ def _score_cell(row: dict, seeds_planned: int) -> str:
     return f"{row['dev_mean']:.1f} ± {row['dev_std']:.1f} (lr {row['lr']:g}{so_far})"
 
 
+def grid_lines(runs: list[dict], opts) -> list[str]:
+    """Every learning rate tried at the first seed: dev (held-out) per task and method, the held-out choice in bold.
+    Shows where each choice sits in its grid and which rates collapse, without reading the run log."""
+    first = [r for r in runs if r["seed"] == opts.seeds[0] and r["task"] in opts.tasks and r["method"] in opts.methods]
+    lrs = sorted({r["lr"] for r in first})
+    lines = [f"Every learning rate at seed {opts.seeds[0]}: dev (held-out), the held-out choice in bold:", "",
+             "| task, method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|" + "---|" * (len(lrs) + 1)]
+    for task in opts.tasks:
+        for method in opts.methods:
+            tried = {r["lr"]: r for r in first if r["task"] == task and r["method"] == method}
+            if not tried:
+                continue
+            chosen = chosen_lr(runs, task, method, opts)
+            cells = []
+            for lr in lrs:
+                r = tried.get(lr)
+                cell = "" if r is None else f"{score(task, r['dev']):.1f} ({score(task, r['select']):.1f})"
+                cells.append(f"**{cell}**" if r is not None and lr == chosen else cell)
+            lines.append(f"| {task}, {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(runs: list[dict], opts, stem: str) -> None:
     rows, best = summarize(runs, opts)
     methods = [m for m in opts.methods if any(k[1] == m for k in best)]
@@ -217,6 +239,7 @@ def write_report(runs: list[dict], opts, stem: str) -> None:
         d = paired_mean_difference(best, m, opts.tasks)
         lines.append(f"| {m} | " + " | ".join(cells) + " | "
                      + (f"{d['mean']:+.1f} ± {d['std']:.1f} (n={d['seeds']})" if d else "-") + " |")
+    lines += ["", *grid_lines(runs, opts)]
     (RESULTS / f"{stem}_table.md").write_text("\n".join(lines) + "\n")
     (RESULTS / f"{stem}_summary.json").write_text(json.dumps(
         {"command": " ".join(["python", *sys.argv]), "options": vars(opts), "versions": versions(), "rows": rows},
