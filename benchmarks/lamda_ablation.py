@@ -173,9 +173,9 @@ PLANS: dict[str, list[dict]] = {
     # 14. (session 8) the paper trains on full GLUE sets; every run above uses 2,000 rows. With 8x the rows (16,000)
     #     at 1600 steps (1.6 epochs, against 12.8 on 2,000 rows in budget1600), does LaMDA catch up with LoRA?
     #     LaMDA at the default 5x and, for the pair with budget1600, at 10x
-    "data16k": _grid((1600,), (0,), [dict(method="lora", train_size=16000), dict(lr_S=5e-3, train_size=16000)])
-    + _grid((1600,), (1,), [dict(method="lora", train_size=16000), dict(lr_S=5e-3, train_size=16000)])
-    + _grid((1600,), (0,), [dict(lr_S=1e-2, train_size=16000)]),
+    "data16k": _grid((1600,), (0,), [dict(method="lora", train_size=16000), dict(lr_S=5e-3, train_size=16000),
+                                     dict(lr_S=1e-2, train_size=16000)])
+    + _grid((1600,), (1,), [dict(method="lora", train_size=16000), dict(lr_S=5e-3, train_size=16000)]),
 }
 
 
