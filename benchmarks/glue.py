@@ -10,7 +10,8 @@ on dev.
     python benchmarks/glue.py --tasks SST-2 RTE --train-size 256 --select-size 128 --steps 25 --seeds 0 \
         --adapter-lrs 1e-3 --full-lrs 5e-5 --label reduced     # a smoke run (minutes)
     python benchmarks/glue.py --preset separating     # the rebuilt run (docs/results/glue.md): 400 steps, 128 tokens,
-                                                     # widened lr grids, regression head at the label mean, no CoLA
+                                                     # widened lr grids, regression head at the label mean,
+                                                     # SST-2, MRPC and STS-B (CoLA and RTE carry no signal)
     python benchmarks/glue.py --preset separating --report   # the table and plot from the log so far (no runs)
 
 Each finished run is appended to docs/results/glue_<label>_runs.jsonl, and a rerun skips runs already there, so an
@@ -61,7 +62,10 @@ SEPARATING = dict(steps=400, max_length=128, select_size=500, widen=True, regres
 # CoLA is left out of the preset's tasks (and its mean): MiniLM does not learn it at any budget tried. LoRA's Matthews
 # correlation is 11.1 ± 3.6 at 400 steps, 11.4 at 1200 steps (training loss 0.12: it memorises the 2,000 rows) and
 # 0.0 with all 8,051 rows (docs/results/glue.md, "CoLA"). `--tasks CoLA` still runs it.
-SEPARATING_TASKS = ["SST-2", "MRPC", "RTE", "STS-B"]
+# RTE is left out too (session 8): its training split (2,490 rows) is about all the preset samples, and LoRA's widened
+# grid at 400 steps never leaves the majority class's 52.7: 45.5 / 52.7 / 54.5 / 47.3 at lr 1e-4 / 3e-4 / 1e-3 / 3e-3
+# (seed 0); at 100 steps every method stayed at or under 54.4, full fine-tuning included. `--tasks RTE` still runs it.
+SEPARATING_TASKS = ["SST-2", "MRPC", "STS-B"]
 FULL_LRS = (5e-5, 1e-4)
 
 
@@ -274,7 +278,7 @@ def write_report(runs: list[dict], opts, stem: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), help="default: every task (the separating preset: "
-                                                                  "every task but CoLA)")
+                                                                  "SST-2, MRPC and STS-B)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--train-size", type=int, default=2000, help="training rows (subsampled, seeded)")
     p.add_argument("--select-size", type=int, default=300, help="held-out training rows for choosing the lr")
