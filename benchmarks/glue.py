@@ -255,20 +255,33 @@ def write_report(runs: list[dict], opts, stem: str) -> None:
 
     fig, (ax, trade) = plt.subplots(1, 2, figsize=(8 + 1.2 * len(opts.tasks), 4.2),
                                     gridspec_kw={"width_ratios": [1.6 + 0.25 * len(opts.tasks), 1]})
-    width = 0.8 / max(len(methods), 1)
+    # With LoRA in the log the bars are each method's paired difference to it: a bar from zero on a 0-100 scale hides
+    # the 1-5 points that separate the methods.
+    paired = any((t, "lora") in best for t in opts.tasks)
+    barred = [m for m in methods if not (paired and m == "lora")]
+    width = 0.8 / max(len(barred), 1)
     for i, m in enumerate(methods):
-        x = np.arange(len(opts.tasks)) + i * width
-        ax.bar(x, [best[(t, m)]["dev_mean"] if (t, m) in best else 0 for t in opts.tasks], width,
-               yerr=[best[(t, m)]["dev_std"] if (t, m) in best else 0 for t in opts.tasks], label=m, color=f"C{i}")
+        if m in barred:
+            cells = [best.get((t, m)) for t in opts.tasks]
+            d = [c["diff_to_lora"] if paired and c and c["diff_to_lora"] else None for c in cells]
+            x = np.arange(len(opts.tasks)) + barred.index(m) * width
+            ax.bar(x, [(e["mean"] if e else 0) if paired else (c["dev_mean"] if c else 0) for c, e in zip(cells, d)],
+                   width, yerr=[(e["std"] if e else 0) if paired else (c["dev_std"] if c else 0)
+                                for c, e in zip(cells, d)], label=m, color=f"C{i}")
         end = next(best[(t, m)]["trainable_end"] for t in opts.tasks if (t, m) in best)
         if np.isnan(means[m]):  # not every task run yet
             continue
         trade.scatter(end, means[m], color=f"C{i}", s=40)
-        trade.annotate(m, (end, means[m]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        trade.annotate(m, (end, means[m]), textcoords="offset points", xytext=(5, 4 if i % 2 == 0 else -11),
+                       fontsize=8)  # alternate above and below: LoRA and PiSSA often coincide
     ax.set_xticks(np.arange(len(opts.tasks)) + 0.4 - width / 2, opts.tasks)
-    ax.set_ylabel("dev score (x100), mean ± std over seeds")
+    if paired:
+        ax.axhline(0, color="C0", lw=1, label="lora (zero line)")
+        ax.set_ylabel("dev score minus LoRA's (x100, paired by seed),\nmean ± std over seeds")
+    else:
+        ax.set_ylabel("dev score (x100), mean ± std over seeds")
     ax.set_title(f"GLUE dev, MiniLM, r={opts.r}, {opts.steps} steps ({opts.label})")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper right" if paired else "lower left")
     trade.set_xscale("log"), trade.set_xlabel("trainable parameters at the end of training")
     trade.set_ylabel("GLUE mean (x100)"), trade.set_title("score vs trainable parameters")
     fig.tight_layout(), fig.savefig(RESULTS / f"{stem}.png", dpi=100), plt.close(fig)
