@@ -15,7 +15,7 @@ from peft import PeftModel, get_peft_model
 
 from lamda_peft import LamdaConfig, LoraFAConfig
 from lamda_peft.memory import measure_training_step
-from lamda_peft.tuners.quantized import dense_weight, quantization_state_bytes
+from lamda_peft.tuners.quantized import dense_weight, keep_training_layout, quantization_state_bytes
 
 from conftest import make_tiny_llama
 
@@ -32,10 +32,16 @@ def tiny_dir(tmp_path_factory):
     return str(path)
 
 
-def load(path: str, bits: int, compute_dtype: torch.dtype = torch.float32):
+def load(path: str, bits: int, compute_dtype: torch.dtype = torch.float32, keep_layout: bool = True):
+    """The quantized model. ``keep_layout``: with bnb's CPU inference repack off (as adding an adapter does), so a
+    reference forward taken before the adapter is added neither repacks the weights (on AVX512-BF16 CPUs) nor, at
+    the tiny model's 32 inputs per layer, crashes inside bnb."""
     q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
          if bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=q)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q)
+    if keep_layout:
+        keep_training_layout(model)
+    return model
 
 
 def lamda(**kw) -> LamdaConfig:
@@ -72,6 +78,49 @@ def test_step_zero_equals_the_quantized_model_then_trains(tiny_dir, input_ids, b
     assert torch.equal(layer.get_base_layer().weight, packed)  # the quantized base is never rewritten
     with torch.no_grad():
         assert not torch.allclose(model(input_ids).logits, reference)
+
+
+def test_the_cpu_inference_repack_is_undone_and_kept_off(tmp_path, input_ids):
+    """bnb repacks a ``Linear4bit`` in place at an eval-mode forward without gradients on AVX512-BF16 CPUs, into a
+    layout gradients do not pass through. Adding the adapter undoes a repack (with a warning: it rounded the scales)
+    and switches it off for every 4-bit layer. The repack is forced with bnb's own function, so this runs on any
+    CPU; the layers here have 64-128 inputs, which the repack needs."""
+    functional = bnb.functional
+    if not hasattr(functional, "_convert_weight_packed_for_cpu"):
+        pytest.skip("this bitsandbytes has no CPU repack")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
+    reference = get_peft_model(load(str(tmp_path), 4), lamda())  # never repacked
+    raw = load(str(tmp_path), 4, keep_layout=False)
+    layers = [m for m in raw.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    q_proj = raw.model.layers[0].self_attn.q_proj
+    before = q_proj.weight.data.clone()
+    q_proj.weight.data, q_proj.weight.quant_state = functional._convert_weight_packed_for_cpu(
+        q_proj.weight.data, q_proj.weight.quant_state)
+    assert q_proj.weight.quant_state.packing_format_for_cpu
+    with pytest.warns(UserWarning, match="1 bitsandbytes 4-bit layers had been repacked"):
+        model = get_peft_model(raw, lamda())
+    assert not q_proj.weight.quant_state.packing_format_for_cpu and torch.equal(q_proj.weight.data, before)
+    assert all(m.support_avx512bf16_for_cpu is False for m in layers) and len(layers) == 14
+    # an evaluation pass, then training: gradients reach the first layer's core as in the never-repacked model
+    k_proj = reference.base_model.model.model.layers[0].self_attn.k_proj  # not targeted: the repack is off there too
+    assert k_proj.support_avx512bf16_for_cpu is False
+    grads = []
+    for m in (reference, model):
+        m.eval()
+        with torch.no_grad():
+            m(input_ids)
+        assert not any(getattr(l.weight.quant_state, "packing_format_for_cpu", False)
+                       for l in m.modules() if isinstance(l, bnb.nn.Linear4bit))
+        m.train()
+        m(input_ids=input_ids, labels=input_ids).loss.backward()
+        grads.append(m.base_model.model.model.layers[0].self_attn.v_proj.lamda_S["default"].grad)
+    # close, not equal: the undone repack rounded q_proj's scales. With bnb's repack left on, the eval pass would
+    # cut the gradient paths through every 4-bit layer and this relative difference would be about 1.
+    assert grads[0].abs().sum() > 0 and (grads[1] - grads[0]).norm() / grads[0].norm() < 0.05
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -22,6 +22,7 @@ from .base_layer import LowRankDeltaLayer
 from .checkpoint import is_loaded_from_checkpoint
 from ..spectral import TopSVD, top_svds
 from .delta import base_weight_shape, weight_as_out_in
+from .quantized import keep_training_layout
 
 
 class LowRankDeltaTuner(BaseTuner):
@@ -52,6 +53,7 @@ class LowRankDeltaTuner(BaseTuner):
         The allocation runs on a copy of the config (the caller's object stays reusable on another model) and
         its SVDs are kept until each layer's spectral init has used them, so every weight is decomposed once.
         """
+        keep_training_layout(model)  # before any init reads a 4-bit weight (see quantized.py)
         self._svd_cache: dict[str, Any] = {}
         config = self.peft_config[adapter_name]
         planned = None

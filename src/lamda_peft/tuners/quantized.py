@@ -8,6 +8,7 @@ The delta form never rewrites the base weight, so a quantized base stays quantiz
     a merge path              dequantize, add the delta, quantize again (PEFT's LoRA does the same), with a warning:
                               the re-quantized weight rounds the sum, so a merged model is close, not equal
     real byte counts          a packed 4-bit weight holds d_out d_in / 2 bytes plus its quantization state
+    one weight layout         bnb's CPU inference repack is switched off (``keep_training_layout``, below)
 
 Plain ``nn.Linear`` / ``Conv1D`` layers go through the same functions unchanged. bitsandbytes is imported only when
 a quantized layer is met, so it stays an optional dependency (``pip install lamda-peft[quant]``).
@@ -31,6 +32,38 @@ def quant_kind(base: nn.Module) -> Optional[QuantKind]:
     """'4bit' for a bitsandbytes ``Params4bit`` weight, '8bit' for ``Int8Params``, None for a plain weight."""
     name = type(getattr(base, "weight", None)).__name__
     return {"Params4bit": "4bit", "Int8Params": "8bit"}.get(name)
+
+
+def keep_training_layout(model: nn.Module) -> int:
+    """Switch off bitsandbytes' CPU inference repack on every ``Linear4bit`` of ``model`` and undo any repack
+    already done; returns how many layers were repacked.
+
+    On a CPU with AVX512-BF16, bnb (0.49-0.50) rewrites a ``Linear4bit``'s weight in place into a CPU-only layout
+    at its first eval-mode forward without gradients (an evaluation pass). Measured on a 96 x 128 layer: afterwards
+    no gradient flows through the layer to its input (earlier layers' adapters silently stop learning), bnb's own
+    ``dequantize_4bit`` reads the weight 0.18 off (so a spectral init or a merge would use a wrong matrix), the
+    output moves by 7e-3, and layers with fewer than 64 inputs crash. A training library cannot afford any of it,
+    so the flag that allows the repack is turned off for every 4-bit layer, targeted or not (gradients pass
+    through the frozen ones too)."""
+    repacked = 0
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            repacked += 1
+    if repacked:
+        warnings.warn(
+            f"{repacked} bitsandbytes 4-bit layers had been repacked for CPU inference (an evaluation pass before the "
+            "adapter was added) and were converted back; the repack stores the block scales in bfloat16, so these "
+            "weights now differ from the checkpoint's by about 1e-3. Add the adapter before any evaluation pass, or "
+            "reload the base model, for the exact quantized weights.", stacklevel=2)
+    return repacked
 
 
 def dense_weight(base: nn.Module) -> torch.Tensor:
