@@ -7,12 +7,15 @@ import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lamda_peft import LamdaConfig, attach_freezing
+from lamda_peft import LamdaConfig, attach_freezing, keep_training_layout
 from lamda_peft.cli.quantized_base import nf4_config
 from lamda_peft.models import smollm2_path
 
 path = smollm2_path()
 base = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4_config())  # bf16 compute on a GPU
+# On an AVX512-BF16 CPU bitsandbytes would repack the weights at the reference pass below, a layout gradients do
+# not pass through; adding the adapter switches that off anyway, this keeps the reference on the same weights.
+keep_training_layout(base)
 tokenizer = AutoTokenizer.from_pretrained(path)
 batch = tokenizer(["Question: what is 3 plus 3? Answer: 6."], return_tensors="pt").to(base.device)
 with torch.no_grad():

@@ -12,6 +12,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from lamda_peft import LamdaCallback, LamdaConfig, LoraFAConfig
+from lamda_peft.tuners.quantized import keep_training_layout
 
 trl = pytest.importorskip("trl", reason="needs pip install 'lamda-peft[trl]'")
 from datasets import Dataset  # noqa: E402
@@ -109,6 +110,9 @@ def test_sft_on_a_4bit_base_keeps_factors_float32_and_step_zero_exact(tiny_chat_
 
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(tiny_chat_model, quantization_config=q)
+    # the reference pass must not let bitsandbytes repack the weights for CPU inference (AVX512-BF16 hosts): adding
+    # the adapter switches that off and undoes it, which would leave the reference on other weights
+    keep_training_layout(base)
     ids = torch.tensor([[1, 42, 7, 300, 5, 9]])
     reference = logits(base, ids, bf16=False)
     args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=1, per_device_train_batch_size=2, max_length=64,

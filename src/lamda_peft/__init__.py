@@ -16,6 +16,7 @@ from .stall import loss_ratio
 from .tuners.lamda import LamdaConfig, LamdaLayer, LamdaModel
 from .tuners.lamda.activations import initialize_from_activations
 from .tuners.lora_fa import LoraFAConfig, LoraFALayer, LoraFAModel
+from .tuners.quantized import keep_training_layout
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "LoraFAModel",
     "export_lora",
     "initialize_from_activations",
+    "keep_training_layout",
     "lamda_param_groups",
     "loss_ratio",
 ]

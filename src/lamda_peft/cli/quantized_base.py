@@ -50,4 +50,8 @@ def load_base(args: argparse.Namespace, path: str, task: str, num_labels: int, d
 
     if not getattr(args, "load_in_4bit", False):
         return load_full_precision(path, task, num_labels, dtype=dtype)
-    return load_full_precision(path, task, num_labels, dtype=dtype, quantization_config=nf4_config())
+    from ..tuners.quantized import keep_training_layout
+
+    model = load_full_precision(path, task, num_labels, dtype=dtype, quantization_config=nf4_config())
+    keep_training_layout(model)  # no CPU inference repack by bitsandbytes, even before the adapter is added
+    return model
