@@ -52,6 +52,6 @@ def load_base(args: argparse.Namespace, path: str, task: str, num_labels: int, d
         return load_full_precision(path, task, num_labels, dtype=dtype)
     from ..tuners.quantized import keep_training_layout
 
-    model = load_full_precision(path, task, num_labels, dtype=dtype, quantization_config=nf4_config())
+    model, tokenizer = load_full_precision(path, task, num_labels, dtype=dtype, quantization_config=nf4_config())
     keep_training_layout(model)  # no CPU inference repack by bitsandbytes, even before the adapter is added
-    return model
+    return model, tokenizer
