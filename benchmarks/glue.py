@@ -261,13 +261,12 @@ def write_report(runs: list[dict], opts, stem: str) -> None:
     barred = [m for m in methods if not (paired and m == "lora")]
     width = 0.8 / max(len(barred), 1)
     for i, m in enumerate(methods):
-        if m in barred:
-            cells = [best.get((t, m)) for t in opts.tasks]
-            d = [c["diff_to_lora"] if paired and c and c["diff_to_lora"] else None for c in cells]
+        if m in barred:  # (mean, std) per task: of the paired difference, or of the score; (0, 0) where not run
+            cells = [best.get((t, m)) or {} for t in opts.tasks]
+            bars = [(c["diff_to_lora"]["mean"], c["diff_to_lora"]["std"]) if paired and c.get("diff_to_lora")
+                    else (0.0, 0.0) if paired or not c else (c["dev_mean"], c["dev_std"]) for c in cells]
             x = np.arange(len(opts.tasks)) + barred.index(m) * width
-            ax.bar(x, [(e["mean"] if e else 0) if paired else (c["dev_mean"] if c else 0) for c, e in zip(cells, d)],
-                   width, yerr=[(e["std"] if e else 0) if paired else (c["dev_std"] if c else 0)
-                                for c, e in zip(cells, d)], label=m, color=f"C{i}")
+            ax.bar(x, [b[0] for b in bars], width, yerr=[b[1] for b in bars], label=m, color=f"C{i}")
         end = next(best[(t, m)]["trainable_end"] for t in opts.tasks if (t, m) in best)
         if np.isnan(means[m]):  # not every task run yet
             continue

@@ -13,9 +13,9 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-from lamda_peft import LamdaConfig, LoraFAConfig
+from lamda_peft import LamdaConfig, LoraFAConfig, keep_training_layout
 from lamda_peft.memory import measure_training_step
-from lamda_peft.tuners.quantized import dense_weight, keep_training_layout, quantization_state_bytes
+from lamda_peft.tuners.quantized import dense_weight, quantization_state_bytes
 
 from conftest import make_tiny_llama
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-from lamda_peft import LamdaCallback, LamdaConfig, LoraFAConfig
-from lamda_peft.tuners.quantized import keep_training_layout
+from lamda_peft import LamdaCallback, LamdaConfig, LoraFAConfig, keep_training_layout
 
 trl = pytest.importorskip("trl", reason="needs pip install 'lamda-peft[trl]'")
 from datasets import Dataset  # noqa: E402

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..tuners.quantized import keep_training_layout
 from . import UsageError
 
 HELP = ("load the base model's linear layers in 4-bit NF4 with bitsandbytes (QLoRA-style; needs "
@@ -50,8 +51,6 @@ def load_base(args: argparse.Namespace, path: str, task: str, num_labels: int, d
 
     if not getattr(args, "load_in_4bit", False):
         return load_full_precision(path, task, num_labels, dtype=dtype)
-    from ..tuners.quantized import keep_training_layout
-
     model, tokenizer = load_full_precision(path, task, num_labels, dtype=dtype, quantization_config=nf4_config())
     keep_training_layout(model)  # no CPU inference repack by bitsandbytes, even before the adapter is added
     return model, tokenizer

@@ -47,11 +47,11 @@ def keep_training_layout(model: nn.Module) -> int:
     through the frozen ones too)."""
     repacked = 0
     for module in model.modules():
-        if not hasattr(module, "support_avx512bf16_for_cpu"):
+        # the bnb layer itself, not an adapter layer whose ``weight`` is its base layer's (as in quantization_state_bytes)
+        if quant_kind(module) != "4bit" or "weight" not in module._parameters:
             continue
         module.support_avx512bf16_for_cpu = False
-        weight = getattr(module, "weight", None)
-        state = getattr(weight, "quant_state", None)
+        weight, state = module.weight, module.weight.quant_state
         if state is not None and getattr(state, "packing_format_for_cpu", False):
             from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
