@@ -1,4 +1,4 @@
-"""Time of the spectral init (``get_peft_model``) on an idle and on a loaded CPU, before and after issue 13.
+"""Time of the spectral init (``get_peft_model``) on an idle and on a loaded CPU, by eigensolver.
 
     python benchmarks/init_under_load.py            # writes docs/results/init_under_load.{json,md}
 
@@ -7,6 +7,10 @@ Variants, in one process, interleaved:
              decomposition on one thread, several weights at once (lamda_peft.eigensolver)
     before   the path before issue 13: the full ``torch.linalg.eigh`` of each Gram matrix with PyTorch's default
              threads, one weight after the other (reproduced here by swapping the solver back in)
+    torch    the path of a core install without SciPy's wheel (issue 25): the full ``torch.linalg.eigh`` of each
+             Gram matrix, every decomposition on one thread, several weights at once
+
+    python benchmarks/init_under_load.py --variants now torch --output docs/results/init_without_scipy
 
 Conditions:
     idle     nothing else runs (pause other jobs first: this script checks the load average and reports it)
@@ -70,6 +74,11 @@ def _time_case(case: str, variant: str, queue) -> None:
         for module, name, value in _previous_solver():
             setattr(module, name, value)
         spectral.single_threaded = contextlib.nullcontext
+    elif variant == "torch":  # as if SciPy's wheel were absent: no bundled OpenBLAS, PyTorch's eigh
+        from lamda_peft import eigensolver
+
+        eigensolver._bundled_openblas = lambda: None
+        eigensolver._lapacke_syevr = lambda: None
     if case == "minilm lamda":
         base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
         config = LamdaConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="SEQ_CLS")
@@ -99,6 +108,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--limit", type=float, default=240.0, help="seconds before a run is stopped")
     parser.add_argument("--conditions", nargs="+", default=["idle", "loaded"])
+    parser.add_argument("--variants", nargs="+", default=["now", "before"], choices=["now", "before", "torch"],
+                        help="solvers to compare; the first is the reference of the ratio column")
     parser.add_argument("--output", default=str(RESULTS / "init_under_load"))
     args = parser.parse_args()
     cases = ["minilm lamda", "smollm2 lamda++"]
@@ -111,7 +122,7 @@ def main() -> None:
             time.sleep(3)
         load_before = os.getloadavg()[0]
         for case in cases:
-            for variant in ("now", "before"):
+            for variant in args.variants:
                 times = []
                 for _ in range(args.repeats):
                     seconds = measure(case, variant, args.limit)
@@ -140,22 +151,35 @@ def _best(times: list) -> str:
 
 
 def render(meta: dict, rows: list[dict]) -> str:
-    lines = ["# Spectral init on an idle and on a loaded CPU (issue 13)", "",
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    reference, others = variants[0], variants[1:]
+    lines = ["# Spectral init on an idle and on a loaded CPU", "",
              "`get_peft_model` time in seconds (best of the repeats; model loading not timed), each run in a fresh "
-             "process. *before*: full `torch.linalg.eigh` of each Gram matrix with PyTorch's default threads, one "
-             "weight after the other; *now*: LAPACK's subset solver for the top r, one thread per decomposition, "
-             "several weights at once.", "",
-             "| condition | case | before (s) | now (s) | before / now | load average (start, end) |", "|---|---|---|---|---|---|"]
+             "process. *now*: LAPACK's subset solver for the top r (SciPy's bundled OpenBLAS), one thread per "
+             "decomposition, several weights at once; *torch*: the same with PyTorch's full `eigh` (a core install "
+             "without SciPy); *before*: full `torch.linalg.eigh` with PyTorch's default threads, one weight after "
+             "the other.", "",
+             "| condition | case | " + " | ".join(f"{v} (s)" for v in variants) + " | "
+             + " | ".join(f"{v} / {reference}" for v in others) + " | load average (start, end) |",
+             "|---|---|" + "---|" * (len(variants) + len(others)) + "---|"]
     by_key = {(r["condition"], r["case"], r["variant"]): r for r in rows}
     for (condition, case, variant), row in by_key.items():
-        if variant != "now":
+        if variant != reference:
             continue
-        before = by_key.get((condition, case, "before"))
-        now_s, before_s = _best(row["seconds"]), _best(before["seconds"]) if before else "-"
-        ratio = f"{float(before_s) / float(now_s):.1f}x" if "limit" not in before_s + now_s and before else (
-            f"> {meta['limit'] / float(now_s):.0f}x" if "limit" in before_s and "limit" not in now_s else "-")
+        ref_s = _best(row["seconds"])
+        cells, ratios = [ref_s], []
+        for other in others:
+            found = by_key.get((condition, case, other))
+            other_s = _best(found["seconds"]) if found else "-"
+            cells.append(other_s)
+            if "limit" in ref_s or other_s == "-":
+                ratios.append("-")
+            elif "limit" in other_s:
+                ratios.append(f"> {meta['limit'] / float(ref_s):.0f}x")
+            else:
+                ratios.append(f"{float(other_s) / float(ref_s):.2f}x")
         load = ", ".join(f"{x:.1f}" for x in row["load_average"])
-        lines.append(f"| {condition} | {case} | {before_s} | {now_s} | {ratio} | {load} |")
+        lines.append(f"| {condition} | {case} | " + " | ".join(cells + ratios) + f" | {load} |")
     lines += ["", f"Machine: {meta['machine']}; torch {meta['torch']}, {meta['threads']} threads. Command: "
               f"`{meta['command']}`. *loaded*: a second process runs a PyTorch matmul loop on every core.", ""]
     return "\n".join(lines)

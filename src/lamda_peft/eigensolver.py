@@ -1,21 +1,36 @@
-"""The exact top-r SVD of a weight, fast and robust on a busy machine.
+"""The exact top-r SVD of a weight, fast and robust on a busy machine, with no dependency beyond PyTorch.
 
 Method: the eigendecomposition of the smaller Gram matrix (``W W^T`` or ``W^T W``, n x n with n = min(d_out, d_in)),
-of which only the top r eigenpairs are computed:
+of which only the top r eigenpairs are kept:
 
     W^T W = V diag(sigma^2) V^T          ->  U = W V diag(1/sigma)          (tall W: d_out >= d_in)
     W W^T = U diag(sigma^2) U^T          ->  V^T = diag(1/sigma) U^T W       (wide W)
 
-On the CPU the top r eigenpairs come from LAPACK's subset solver ``?syevx`` (through SciPy): it reduces the matrix
-to tridiagonal form once and finds only r eigenvectors (bisection and inverse iteration), 2-4x faster than the full
-``torch.linalg.eigh`` at transformer sizes. On a GPU, ``torch.linalg.eigh`` runs on the weight's device.
+Solvers, by what is installed (``top_eigenpairs``):
+
+- **PyTorch (always there).** ``torch.linalg.eigh`` computes all n eigenpairs. This is the path of a core install
+  (``pip install lamda-peft``: SciPy is *not* a dependency), of a SciPy built against MKL, of conda's SciPy, and of
+  GPU weights.
+- **LAPACK's subset solver, when SciPy's PyPI wheel is installed.** ``?syevr`` reduces the matrix to tridiagonal form
+  once and finds only the r eigenvectors wanted; it is taken from the OpenBLAS that SciPy's wheels bundle
+  (``scipy.libs/libscipy_openblas-*.so``, found without importing SciPy) and called through ctypes, which releases
+  the GIL so that several weights are decomposed side by side. That layout is private to SciPy's wheels, so it is
+  probed defensively: any other layout (no such library, a missing symbol, an ILP64 build) falls back to PyTorch.
+
+Why keep the second path, and why not declare SciPy a core dependency: per decomposition the subset solver is about
+2x faster than the full ``eigh`` at transformer sizes (576 x 576, r = 16: 9 ms vs 18 ms on one thread); on the whole
+``get_peft_model`` the gain is what docs/results/init_under_load.md measures (``benchmarks/init_under_load.py``,
+variants *now* and *torch*). That gain is worth a guarded fast path, not a 40 MB required dependency: a user without
+SciPy gets the same factors (both solvers are exact; the tests compare each against a float64 SVD) at the PyTorch
+speed. SciPy's own ``eigh`` wrapper is never used: it holds the GIL (no side-by-side decompositions) and would need
+threadpoolctl to keep its BLAS on one thread.
 
 Threads: a transformer weight's Gram matrix is small (a few hundred to a few thousand rows), so a parallel LAPACK or
 BLAS call gains little, and when other processes keep the cores busy its OpenMP threads wait for each other at every
 barrier: one ``eigh`` of a 576 x 576 matrix went from 0.14 s to 1.7 s, and ``get_peft_model`` on MiniLM from 0.3 s
-to 176 s. Each decomposition therefore runs on one thread (:func:`single_threaded`), and :func:`decompose_many`
-decomposes several weights side by side, one per core, which is both faster on an idle machine and immune to the
-stall on a loaded one.
+to 176 s. Each decomposition therefore runs on one thread (:func:`single_threaded`: PyTorch's pool, and the bundled
+OpenBLAS where it is used), and :func:`decompose_many` decomposes several weights side by side, one per core, which
+is both faster on an idle machine and immune to the stall on a loaded one.
 
 Precision: the Gram matrix is decomposed in float32 when sigma_r >= 0.05 sigma_1 (the common case; on SmolLM2 the
 top-r part then agrees with a float64 SVD to 2e-6 relative), else in float64; if sigma_r is not separated from zero
@@ -76,11 +91,7 @@ def top_eigenpairs(gram: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tens
         syevr = _lapacke_syevr()
         if syevr is not None:
             return _subset_syevr(syevr[gram.dtype], gram, r)
-        from scipy.linalg import eigh  # deferred: SciPy costs ~0.2 s to import
-
-        values, vectors = eigh(gram.numpy(), subset_by_index=[n - r, n - 1], driver="evr", check_finite=False)
-        return torch.from_numpy(values).flip(0), torch.from_numpy(vectors).flip(1)
-    values, vectors = torch.linalg.eigh(gram)
+    values, vectors = torch.linalg.eigh(gram)  # PyTorch's own LAPACK: the path without SciPy's wheel
     return values.flip(0)[:r], vectors.flip(1)[:, :r]
 
 
@@ -105,9 +116,12 @@ def _subset_syevr(syevr: Callable, gram: torch.Tensor, r: int) -> tuple[torch.Te
 
 @functools.lru_cache(maxsize=None)
 def _bundled_openblas() -> Optional[ctypes.CDLL]:
-    """The OpenBLAS that SciPy's wheels bundle (32-bit integers, ``scipy_`` prefix), found without importing SciPy;
-    None elsewhere (e.g. a SciPy built against MKL): then SciPy's ``eigh`` and threadpoolctl are used instead."""
-    spec = importlib.util.find_spec("scipy")
+    """The OpenBLAS that SciPy's PyPI wheels bundle (32-bit integers, ``scipy_`` prefix), found without importing
+    SciPy; None for any other layout (no SciPy, a SciPy built against MKL, conda's): then PyTorch's eigh is used."""
+    try:
+        spec = importlib.util.find_spec("scipy")
+    except (ImportError, ValueError):  # a broken or stubbed scipy entry in sys.modules
+        return None
     if spec is None or spec.origin is None:
         return None
     folder = Path(spec.origin).resolve().parent.parent / "scipy.libs"
@@ -141,24 +155,19 @@ def _lapacke_syevr() -> Optional[dict[torch.dtype, Callable]]:
 
 @contextlib.contextmanager
 def single_threaded() -> Iterator[None]:
-    """Run the enclosed (small) linear algebra on one thread: PyTorch's intra-op pool and the LAPACK used here."""
+    """Run the enclosed (small) linear algebra on one thread: PyTorch's intra-op pool (which also bounds the LAPACK
+    inside PyTorch) and, where it is used, the OpenBLAS bundled with SciPy's wheel."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     openblas = _bundled_openblas()
+    blas_threads = openblas.scipy_openblas_get_num_threads() if openblas is not None else None
     try:
-        if openblas is not None:  # direct, cheap: threadpoolctl would scan every loaded library on each call
-            blas_threads = openblas.scipy_openblas_get_num_threads()
+        if openblas is not None:
             openblas.scipy_openblas_set_num_threads(1)
-            try:
-                yield
-            finally:
-                openblas.scipy_openblas_set_num_threads(blas_threads)
-        else:
-            from threadpoolctl import threadpool_limits  # SciPy's eigh on another BLAS
-
-            with threadpool_limits(limits=1):
-                yield
+        yield
     finally:
+        if openblas is not None:
+            openblas.scipy_openblas_set_num_threads(blas_threads)
         torch.set_num_threads(previous)
 
 
