@@ -18,6 +18,9 @@ decay keep moving a column whose gradient is zero):
 3. after each optimizer step (``register_step_post_hook``): the frozen columns are copied back from a snapshot taken
    when they froze, so whatever the optimizer did (momentum, weight decay) they stay bit-identical.
 
+Weight decay on the trainable columns pulls S toward I and B toward B0S0 (the pretrained model), not toward zero:
+``anchored_decay.py``, whose hooks this module installs ahead of its own.
+
 Under DeepSpeed ZeRO (stages 1-3) the optimizer holds flat fp32 partitions, not B: steps 2-3 act on ZeRO's step
 and on the slice of B's master and working copies each rank owns (``integrations/zero_optimizer.py``).
 
@@ -41,6 +44,7 @@ from typing import Any, Literal, Optional
 import torch
 from torch import nn
 
+from .anchored_decay import anchor_weight_decay, warn_unanchored
 from .integrations import zero_optimizer
 from .schedule import check_freeze_ratio, check_total_steps, freeze_count, freeze_end_step, frozen_columns
 from .tuners.lamda.config import LamdaConfig
@@ -144,10 +148,16 @@ class PMBFreezer:
         self._warned_blocked = False
         self.step = start_step
         if self.zero is not None:
+            if any(float(g.get("weight_decay", 0.0) or 0.0) > 0 for g in getattr(self.zero, "param_groups", ())):
+                warn_unanchored("DeepSpeed ZeRO's optimizer holds S and B as flat partitions")
             self._hooks = [zero_optimizer.register_step_hooks(self.zero, self._before_optimizer_step,
                                                               self._after_optimizer_step)]
         else:
-            self._hooks = [
+            # Weight decay toward the pretrained model (anchored_decay.py), hooked first: its post-step correction
+            # must reach a column before the schedule below snapshots it.
+            anchored = anchor_weight_decay(inner_model, self.optimizer)
+            self._hooks = [anchored] if anchored is not None else []
+            self._hooks += [
                 self.optimizer.register_step_pre_hook(self._before_optimizer_step),
                 self.optimizer.register_step_post_hook(self._after_optimizer_step),
             ]
