@@ -153,6 +153,84 @@ def test_bad_calls_are_refused():
         initialize_from_activations(make_tiny_llama(), _batches())
 
 
+def test_a_second_call_after_training_or_on_a_loaded_adapter_is_refused(tmp_path):
+    """It would reset A, B, S to a fresh init, silently throwing the training away (logits back to the base)."""
+    model = _model()
+    initialize_from_activations(model, _batches(), num_batches=3, show_progress_bar=False)
+    optimizer = torch.optim.AdamW(lamda_param_groups(model, 1e-2), lr=1e-2)
+    model.train()
+    for b in _batches(3, seed=9):
+        model(**b).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    batch = _batches(1, seed=11)[0]
+    with torch.no_grad():
+        trained = model(**batch).logits
+    with pytest.raises(ValueError, match="already initialized .*reset A, B and S"):
+        initialize_from_activations(model, _batches(), num_batches=3, show_progress_bar=False)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, trained)  # nothing was touched
+    model.save_pretrained(tmp_path / "a")
+    reloaded = PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "a")
+    with pytest.raises(ValueError, match="from a checkpoint"):
+        initialize_from_activations(reloaded, _batches(), num_batches=3, show_progress_bar=False)
+
+
+def _tiny_bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+                        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+    return BartForConditionalGeneration(config).eval()
+
+
+def test_seq2seq_calibration_sees_the_decoder_inputs_of_training_and_its_own_padding():
+    """BART, source and target of the same padded length (so masks cannot be told apart by shape): the second
+    moments over a padded batch equal those over each example run alone without any padding, with its labels as
+    the decoder's input (every encoder row, every decoder row, cross-attention reading the encoder's rows)."""
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 64, (3, 7), generator=gen)
+    labels = torch.randint(3, 64, (3, 7), generator=gen)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[2, 3:] = 0
+    labels[0, 4:] = -100  # target padding differs from the source's
+    labels[2, 6:] = -100
+    ids[mask == 0] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    model = get_peft_model(_tiny_bart(), LamdaConfig(r=2, lora_alpha=4, init="activations",
+                                                     target_modules=["q_proj", "k_proj", "v_proj", "fc1"]))
+    layers = _layers(model)
+    assert any("encoder_attn" in n for n in layers) and any(".encoder." in n for n in layers)
+    from lamda_peft.tuners.lamda.activations import input_second_moments
+
+    modes = {name: m.training for name, m in model.named_modules()}  # PeftModel "training", its base in eval
+    grams, counts = input_second_moments(model, layers, [batch], num_batches=1, show_progress_bar=False)
+    assert {name: m.training for name, m in model.named_modules()} == modes  # each module's own mode restored
+    expected, rows = {}, {}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].double().reshape(-1, args[0].shape[-1])
+            expected[name] = expected.get(name, 0) + x.T @ x
+            rows[name] = rows.get(name, 0) + x.shape[0]
+        return fn
+
+    handles = [m.get_base_layer().register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    with torch.no_grad(), model.disable_adapter():
+        for i in range(3):
+            source, target = ids[i, mask[i].bool()], labels[i, labels[i] != -100]
+            model(input_ids=source[None], labels=target[None])
+    for h in handles:
+        h.remove()
+    assert counts == rows
+    for name in layers:
+        torch.testing.assert_close(grams[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.distributed
 def test_data_parallel_ranks_get_the_same_factors_as_one_process_on_all_batches():
     """Each of 2 ranks calibrates on its own batches: the grams are summed over ranks, rank 0's factors broadcast,

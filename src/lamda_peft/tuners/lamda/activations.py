@@ -62,8 +62,63 @@ def _token_rows(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _encoder_decoder(model: nn.Module) -> Optional[nn.Module]:
+    """The transformers encoder-decoder model inside ``model`` (BART, T5, ...), or None."""
+    for module in model.modules():
+        if getattr(getattr(module, "config", None), "is_encoder_decoder", False) and hasattr(module, "get_encoder"):
+            return module
+    return None
+
+
 def _forward_dict(model: nn.Module, batch: Mapping[str, Any]) -> Any:
-    return model(**{k: v for k, v in batch.items() if k != "labels"})
+    """``model(**batch)``: without ``labels``, except for an encoder-decoder model, whose decoder inputs are built
+    from them (without labels or ``decoder_input_ids``, BART's decoder would read a shifted copy of ``input_ids``)."""
+    keep_labels = "decoder_input_ids" not in batch and _encoder_decoder(model) is not None
+    return model(**{k: v for k, v in batch.items() if k != "labels" or keep_labels})
+
+
+class _TokenMasks:
+    """Which rows of a layer's input are real tokens, for the batch being run.
+
+    Decoder-only and encoder models: ``attention_mask``. Encoder-decoder models: the encoder's layers, and the
+    decoder's cross-attention projections (whose input is the encoder's output), use ``attention_mask``; the
+    decoder's other layers use ``decoder_attention_mask``, else the positions whose label counts (``labels !=
+    -100``). Matching by module and by the encoder's output tensor, not by sequence length (which can be equal).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        seq2seq = _encoder_decoder(model)
+        self.encoder = seq2seq.get_encoder() if seq2seq is not None else None
+        self.encoder_modules = {id(m) for m in self.encoder.modules()} if self.encoder is not None else set()
+        self.encoder_output: Optional[torch.Tensor] = None
+        self.source: Optional[torch.Tensor] = None
+        self.target: Optional[torch.Tensor] = None
+
+    def start(self, batch: Mapping[str, Any]) -> None:
+        self.source = batch["attention_mask"].bool() if "attention_mask" in batch else None
+        self.target = None
+        if "decoder_attention_mask" in batch:
+            self.target = batch["decoder_attention_mask"].bool()
+        elif "labels" in batch and isinstance(batch["labels"], torch.Tensor):
+            self.target = batch["labels"] != -100
+        self.encoder_output = None
+
+    def hooks(self) -> list:
+        if self.encoder is None:
+            return []
+        return [self.encoder.register_forward_hook(self._keep_encoder_output)]
+
+    def _keep_encoder_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.encoder_output = output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
+
+    def for_input(self, layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.encoder is None or id(layer) in self.encoder_modules or self._is_encoder_output(x):
+            return self.source
+        return self.target
+
+    def _is_encoder_output(self, x: torch.Tensor) -> bool:
+        out = self.encoder_output
+        return out is not None and x.shape == out.shape and x.data_ptr() == out.data_ptr()
 
 
 @torch.no_grad()
@@ -71,26 +126,26 @@ def input_second_moments(model: nn.Module, layers: Mapping[str, nn.Module], data
                          num_batches: int, forward_fn: Callable[[nn.Module, Any], Any] = _forward_dict,
                          show_progress_bar: Optional[bool] = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """({name: G (d_in, d_in) float64}, {name: number of token rows}) of each layer's input over ``num_batches``
-    batches of ``dataloader`` (dicts of tensors; ``attention_mask``, if present, leaves padding out). The model runs
-    in eval mode without gradients; its mode is restored afterwards."""
+    batches of ``dataloader`` (dicts of tensors; padding is left out, see ``_TokenMasks``). The model runs in eval
+    mode without gradients; every module's mode is restored afterwards."""
     from tqdm.auto import tqdm
 
     grams = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64,
                                device=m.get_base_layer().weight.device) for name, m in layers.items()}
     counts = dict.fromkeys(layers, 0)
-    mask: dict[str, Optional[torch.Tensor]] = {"attention_mask": None}
+    masks = _TokenMasks(model)
 
     def collector(name: str):
         def collect(module: nn.Module, args: tuple) -> None:
-            x = _token_rows(args[0], mask["attention_mask"]).to(grams[name].device, torch.float64)
+            x = _token_rows(args[0], masks.for_input(module, args[0])).to(grams[name].device, torch.float64)
             grams[name].addmm_(x.T, x)
             counts[name] += x.shape[0]
         return collect
 
     device = next(model.parameters()).device
-    handles = [m.register_forward_pre_hook(collector(name)) for name, m in layers.items()]
-    was_training = model.training
-    model.eval()
+    handles = [m.register_forward_pre_hook(collector(name)) for name, m in layers.items()] + masks.hooks()
+    modes = {module: module.training for module in model.modules()}  # each its own: a PeftModel wrapper says
+    model.eval()                                                      # "training" over an eval-mode base
     seen = 0
     try:
         for batch in tqdm(dataloader, total=num_batches, desc="activation init", disable=_quiet(show_progress_bar)):
@@ -100,13 +155,14 @@ def input_second_moments(model: nn.Module, layers: Mapping[str, nn.Module], data
                 raise TypeError("the dataloader must yield dicts of tensors (a collator's output), got "
                                 f"{type(batch).__name__}")
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            mask["attention_mask"] = batch["attention_mask"].bool() if "attention_mask" in batch else None
+            masks.start(batch)
             forward_fn(model, batch)
             seen += 1
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     if seen == 0:
         raise ValueError("the dataloader yielded no batch; the activation init needs calibration data")
     return grams, counts
@@ -127,9 +183,12 @@ def initialize_from_activations(model: nn.Module, dataloader: Iterable, *, num_b
     """Initialize every layer of a ``LamdaConfig(init="activations")`` adapter from its input activations.
 
     Args:
-        model: the PeftModel (or tuner) holding the adapter; must not have trained yet (the init resets A, B, S).
+        model: the PeftModel (or tuner) holding the adapter, not initialized yet: a second call, or a call on a
+            loaded adapter, is refused (it would reset A, B, S).
         dataloader: yields dicts of tensors as the model takes them (e.g. a collator's output); the first
-            ``num_batches`` batches are used. ``attention_mask`` leaves padding tokens out; ``labels`` are dropped.
+            ``num_batches`` batches are used. ``attention_mask`` leaves padding tokens out; ``labels`` are dropped,
+            except for an encoder-decoder model (BART, T5), whose decoder reads them as in training (its padding,
+            ``labels == -100`` or ``decoder_attention_mask``, is left out too).
         num_batches: calibration batches (8 batches of 16 SST-2 sentences: ~1,700 tokens).
         adapter_name: the adapter (default: the single active one).
         forward_fn: ``forward_fn(model, batch)`` runs one batch (default ``model(**batch)`` without labels).
@@ -139,7 +198,7 @@ def initialize_from_activations(model: nn.Module, dataloader: Iterable, *, num_b
     batches; the second moments are summed over the ranks and rank 0's factors broadcast, so every rank gets the
     same A (collectives). A model already sharded by FSDP2 is refused: initialize before sharding.
 
-    Raises ValueError for a model without such an adapter, an empty dataloader, a layer that saw fewer token rows
+    Raises ValueError for a model without such an adapter, an adapter already initialized, an empty dataloader, a layer that saw fewer token rows
     than its rank (use more or longer batches), or an FSDP2-sharded weight.
     """
     from .layer import LamdaLayer
@@ -162,6 +221,12 @@ def initialize_from_activations(model: nn.Module, dataloader: Iterable, *, num_b
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LamdaLayer) and adapter_name in m.r}
     for layer in layers.values():
         layer.materialize()  # a deferred init (a config read from disk, nothing loaded) runs first: placeholders
+    done = [name for name, m in layers.items() if adapter_name not in m.awaiting_activations]
+    if done:
+        raise ValueError(
+            f"adapter {adapter_name!r} is already initialized ({done[0]} holds real factors: from an earlier "
+            "initialize_from_activations call, or from a checkpoint); calling it again would reset A, B and S and "
+            "throw away any training. To recalibrate, create a fresh adapter (get_peft_model or add_adapter).")
     sharded = [name for name, m in layers.items() if callable(getattr(m.get_base_layer().weight, "to_local", None))]
     if sharded:
         raise ValueError(f"{sharded[0]} has a sharded (FSDP2) weight: run initialize_from_activations before sharding "
