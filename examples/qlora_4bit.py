@@ -3,6 +3,12 @@
     python examples/qlora_4bit.py          # needs pip install -e ".[quant]"
 """
 
+import importlib.util
+import sys
+
+if importlib.util.find_spec("bitsandbytes") is None:  # one line, naming the extra, instead of a traceback
+    sys.exit("examples/qlora_4bit.py needs bitsandbytes: pip install 'lamda-peft[quant]'")
+
 import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer

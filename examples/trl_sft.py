@@ -3,6 +3,12 @@
     python examples/trl_sft.py
 """
 
+import importlib.util
+import sys
+
+if importlib.util.find_spec("trl") is None:  # one line, naming the extra, instead of a traceback
+    sys.exit("examples/trl_sft.py needs TRL: pip install 'lamda-peft[trl]'")
+
 import torch
 from datasets import Dataset
 from peft import PeftModel

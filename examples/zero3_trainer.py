@@ -9,6 +9,11 @@ with gloo (slowly); on GPUs with NCCL.
 """
 
 import importlib
+import importlib.util
+import sys
+
+if importlib.util.find_spec("deepspeed") is None:  # one line, naming the extra, instead of a traceback
+    sys.exit("examples/zero3_trainer.py needs DeepSpeed: pip install --no-build-isolation 'lamda-peft[deepspeed]'")
 
 import torch
 from peft import get_peft_model
