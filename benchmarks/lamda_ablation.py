@@ -22,6 +22,9 @@ and a seed. The knobs (each defaults to the committed LaMDA/CLI setting):
     r                         the rank (alpha is set with it, as alpha = 2 r everywhere)
     train_size                training rows (default 2,000; the same seeded shuffle, so a larger sample contains
                               the smaller one; the held-out and dev rows do not change)
+    weight_decay              AdamW's decoupled weight decay on every group but biases and norms (default 0)
+    decay_anchor              True (default): LaMDA's S and B decay toward S0 and B0S0 (lamda_peft.anchored_decay);
+                              False: toward 0, as before issue 25
 
     python benchmarks/lamda_ablation.py --plan diagnose           # the cells of one plan (see PLANS)
     python benchmarks/lamda_ablation.py --plan diagnose --shard 1/2   # half of them (run two processes)
@@ -61,7 +64,7 @@ LOG = RESULTS / "lamda_ablation_runs.jsonl"
 R = 8  # the rank of every run unless a cell sets r
 DEFAULTS = dict(method="lamda", steps=100, seed=0, lr=1e-3, lr_S=None, lr_B=None, lr_head=None, freeze_ratio=0.3,
                 warmup=0.06, alpha="16", init="spectral", subspace="top", r=R, freeze_order="largest_first",
-                train_size=2000)
+                train_size=2000, weight_decay=0.0, decay_anchor=True)
 
 
 def cell(**kw: Any) -> dict:
@@ -176,6 +179,11 @@ PLANS: dict[str, list[dict]] = {
     "data16k": _grid((1600,), (0,), [dict(method="lora", train_size=16000), dict(lr_S=5e-3, train_size=16000),
                                      dict(lr_S=1e-2, train_size=16000)])
     + _grid((1600,), (1,), [dict(method="lora", train_size=16000), dict(lr_S=5e-3, train_size=16000)]),
+    # 15. (session 10) weight decay: anchored at S0/B0S0 (issue 25) against the decay toward 0 it replaces, at the
+    #     settings of the 400-step default-10x runs (weight decay 0 there: seeds 0-2)
+    "weight_decay": _grid((400,), (0, 1, 2), [dict(lr_S=1e-2, weight_decay=0.1),
+                                              dict(lr_S=1e-2, weight_decay=0.1, decay_anchor=False),
+                                              dict(lr_S=1e-2, weight_decay=0.01)]),
 }
 
 
@@ -241,8 +249,13 @@ def one_run(c: dict, data) -> dict:
         batches = _calibration_batches(spec.encode(train, tokenizer), collator_for(spec, tokenizer), c["seed"])
         initialize_from_activations(model, batches, num_batches=len(batches))
     # None = lr: the ablation's baseline is one lr for everything (the library's default multipliers may differ)
-    groups = lamda_param_groups(model, c["lr"], **{k: c[k] or c["lr"] for k in ("lr_S", "lr_B", "lr_head")})
-    optimizer = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=0.0)
+    groups = lamda_param_groups(model, c["lr"], weight_decay=c["weight_decay"],
+                                **{k: c[k] or c["lr"] for k in ("lr_S", "lr_B", "lr_head")})
+    optimizer = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"])
+    if not c["decay_anchor"]:  # the decay toward 0 of before issue 25: no anchoring hooks from attach_freezing
+        import lamda_peft.freezing
+
+        lamda_peft.freezing.anchor_weight_decay = lambda model, optimizer: None
     steps = c["steps"]
     args = TrainingArguments(
         output_dir="/tmp/lamda-ablation", per_device_train_batch_size=16, learning_rate=c["lr"], max_steps=steps,
