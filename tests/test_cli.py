@@ -185,7 +185,7 @@ def test_bad_inputs_exit_2_and_write_nothing(sst2, glue_dir, tmp_path, capsys):
     if not torch.cuda.is_available():
         bad(["train", *data, "--fp16"], capsys, "--fp16 needs a GPU", "--bf16")
     bad(["train", *data, "--gradient-accumulation-steps", "0"], capsys, "positive integer")
-    bad(["train", *data, "--warmup-ratio", "2"], capsys, "--warmup-ratio", "[0, 1]")
+    bad(["train", *data, "--warmup-ratio", "2"], capsys, "--warmup-ratio", "[0, 1)")
     if importlib.util.find_spec("wandb") is None:
         bad(["train", *data, "--report-to", "wandb"], capsys, "--report-to wandb needs the wandb package")
     bad(["train", *data, "--resume-from-checkpoint"], capsys, "holds no checkpoint-N")

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .. import metrics as M
 from ..data import BBC_NEWS, CausalLMCollator, DataError, DataSpec, Table, bbc_news, prompt_text, read_table
 from . import UsageError
+from .validate import check_eval_options
 
 RUN_FILE = "metrics.json"  # written by train: its "config" says how to rebuild the model and read the data
 
@@ -45,7 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (default 16)")
     p.add_argument("--num-generate", type=int, default=8, help="causal-lm: greedy answers for the first N rows")
     p.add_argument("--max-new-tokens", type=int, default=256, help="causal-lm: generation length limit")
-    p.add_argument("--output", help="also write the metrics as JSON to this file")
+    p.add_argument("--output", help="also write the metrics as JSON to this file (its folder is created)")
     p.set_defaults(func=run)
 
 
@@ -195,7 +196,8 @@ def _load_model(adapter: Path, base: Optional[str], spec: DataSpec):
     num_labels = len(spec.classes or []) or 2
     try:
         if (adapter / "adapter_config.json").is_file():
-            base = base or PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+            if base is None:  # no --model and no run file: the base the adapter names
+                base = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
             model, tokenizer = load_base(resolve_model(base), spec.task, num_labels)
             model = PeftModel.from_pretrained(model, str(adapter))
         elif (adapter / "config.json").is_file():  # a fully fine-tuned model (method "full")
@@ -208,26 +210,32 @@ def _load_model(adapter: Path, base: Optional[str], spec: DataSpec):
     return model, tokenizer
 
 
+def _given(value: Any, saved: Any) -> Any:
+    """The option's value when given on the command line, else the run's (an explicit value is never replaced)."""
+    return saved if value is None else value
+
+
 def run(args: argparse.Namespace) -> int:
     import lamda_peft  # noqa: F401  (registers LaMDA and LoRA-FA with PEFT)
 
+    check_eval_options(args)  # the options alone, before the adapter or any data is read
     adapter = Path(args.adapter)
     if not adapter.is_dir():
         raise UsageError(f"--adapter {adapter}: no such folder; give the --output-dir of a 'lamda-peft train' run")
     saved = json.loads((adapter / RUN_FILE).read_text()).get("config", {}) if (adapter / RUN_FILE).is_file() else {}
-    task = args.task or saved.get("task")
+    task = _given(args.task, saved.get("task"))
     if task is None:
         raise UsageError(f"{adapter} has no {RUN_FILE} from 'lamda-peft train'; pass --task and --model")
     try:
         table = _validation_table(args, saved)
         spec = DataSpec(
             task=task,
-            text_columns=args.text_column or saved.get("text_columns") or [],
-            label_column=args.label_column or saved.get("label_column"),
-            prompt_column=args.prompt_column or saved.get("prompt_column"),
-            response_column=args.response_column or saved.get("response_column"),
+            text_columns=_given(args.text_column, saved.get("text_columns") or []),
+            label_column=_given(args.label_column, saved.get("label_column")),
+            prompt_column=_given(args.prompt_column, saved.get("prompt_column")),
+            response_column=_given(args.response_column, saved.get("response_column")),
             classes=saved.get("classes"),
-            max_length=args.max_length or saved.get("max_length") or 128,
+            max_length=_given(args.max_length, saved.get("max_length") or 128),
         )
         if spec.task == "classification" and not spec.classes:
             from ..data import label_names
@@ -236,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         spec.check(table)
     except DataError as err:
         raise UsageError(str(err)) from None
-    model, tokenizer = _load_model(adapter, args.model or saved.get("model"), spec)
+    model, tokenizer = _load_model(adapter, _given(args.model, saved.get("model")), spec)
     dataset = spec.encode(table, tokenizer)
     print(f"evaluating {adapter} on {table.source} ({len(dataset)} rows, task {spec.task})")
     result: dict[str, Any] = {"adapter": str(adapter), "validation": table.source, **evaluate(
@@ -249,7 +257,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"final-answer exact match: {result['generation']['final_answer_exact_match']:.4f} "
                   f"on {result['generation']['generated']} rows")
     print_metrics(result)
-    if args.output:
+    if args.output is not None:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

@@ -35,7 +35,7 @@ from ..heads import apply_regression_bias
 from ..optim import given_lr_options
 from . import quantized_base
 from .eval import RUN_FILE, evaluate, generation_report, load_base, print_metrics  # noqa: F401 (API)
-from .train_args import DEFAULT_LR, METHODS, check_args
+from .train_args import DEFAULT_LR, METHODS, check_args, default_output_dir
 from .train_args import add_parser as _add_parser
 from .training import accounted_memory, lamda_callbacks, plot_losses, train_model, trainable  # noqa: F401 (API)
 
@@ -220,7 +220,7 @@ def command_line(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     import lamda_peft  # noqa: F401  (registers LaMDA and LoRA-FA with PEFT)
 
-    # 1. Check every input before anything is written.
+    # 1. Check every input before anything is written: the options alone first (before any data or model is read).
     check_args(args)
     targets = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
     try:
@@ -234,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
     peft_cfg = peft_config(args.method, args.r, args.lora_alpha, targets, spec.task, args.freeze_ratio, args.init)
     model_path = resolve_model_path(args.model)
     config = {**run_config(args, spec, data_name), **quantized_base.check(args)}
-    out = Path(args.output_dir or Path("runs") / f"{args.method.replace('+', 'p')}-{Path(args.model).name}-{data_name}")
+    out = Path(args.output_dir) if args.output_dir is not None else default_output_dir(args, data_name)
     check_output_dir(out, config, args.overwrite)
     resume = resolve_resume(args.resume_from_checkpoint, out, config)
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..heads import add_regression_bias_argument
 from ..optim import add_lr_arguments, check_lr_options
 from . import UsageError, quantized_base
 from .training import LR_SCHEDULERS, REPORTERS, check_reporters
+from .validate import check_train_options
 
 METHODS = ("lamda", "lamda++", "lora-fa", "lora", "full")
 DEFAULT_LR = {"full": 5e-5}  # adapters: 1e-3
@@ -85,22 +87,19 @@ def add_parser(subparsers: argparse._SubParsersAction, run) -> argparse.Argument
     return p
 
 
+def default_output_dir(args: argparse.Namespace, data_name: str) -> Path:
+    """``runs/<method>-<model>-<data>``: where a run goes without --output-dir."""
+    return Path("runs") / f"{args.method.replace('+', 'p')}-{Path(args.model).name}-{data_name}"
+
+
 def check_args(args: argparse.Namespace) -> None:
-    """Every check on the options alone; fills in the defaults that depend on other options."""
+    """Every check on the options alone, before any data or model is read; then the defaults that depend on other
+    options, for the options left out (an explicit value, 0 included, is never replaced)."""
     if args.method not in METHODS:
         raise UsageError(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
+    check_train_options(args, default_output=default_output_dir(args, "<data>"))
     if args.epochs is not None and args.max_steps is not None:
         raise UsageError("give --epochs or --max-steps, not both")
-    for name in ("r", "batch_size", "max_length", "max_steps", "gradient_accumulation_steps", "save_steps",
-                 "logging_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    if args.eval_steps is not None and args.eval_steps < 0:
-        raise UsageError(f"--eval-steps must be 0 (only at the end) or a positive integer, got {args.eval_steps}")
-    if not 0 <= args.warmup_ratio <= 1:
-        raise UsageError(f"--warmup-ratio is a fraction of the steps, in [0, 1]; got {args.warmup_ratio}")
-    if args.weight_decay < 0:
-        raise UsageError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.dataset and (args.train_file or args.validation_file):
         raise UsageError("give --dataset or --train-file/--validation-file, not both")
     if args.dataset_config and not args.dataset:
@@ -115,9 +114,12 @@ def check_args(args: argparse.Namespace) -> None:
     if lamda_only and args.method not in ("lamda", "lamda++"):
         raise UsageError(f"{', '.join(lamda_only)} apply to --method lamda and lamda++ only (got --method {args.method})")
     try:
-        check_lr_options(args)
+        check_lr_options(args)  # which methods take --lr-S, --lr-B, --lr-head (their values are checked above)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    quantized_base.check(args)
     args.report_to = check_reporters(args.report_to) or ["none"]
-    args.lora_alpha = args.lora_alpha or 2.0 * args.r
-    args.lr = args.lr or DEFAULT_LR.get(args.method, 1e-3)
+    if args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.r
+    if args.lr is None:
+        args.lr = DEFAULT_LR.get(args.method, 1e-3)

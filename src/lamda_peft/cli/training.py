@@ -33,18 +33,27 @@ def option(args: Any, name: str) -> Any:
     return getattr(args, name, DEFAULTS[name])
 
 
+def epochs(args: Any) -> float:
+    """--epochs, 1 when not given (None; the CLI refuses 0)."""
+    return 1 if args.epochs is None else args.epochs
+
+
 def total_steps(train_rows: int, args: Any) -> int:
     """Optimizer steps of the run: --max-steps, or epochs * ceil(batches per epoch / gradient accumulation)."""
-    if args.max_steps:
+    if args.max_steps is not None:
         return args.max_steps
     batches = math.ceil(train_rows / args.batch_size)
     per_epoch = max(1, math.ceil(batches / option(args, "gradient_accumulation_steps")))
-    return max(1, math.ceil(per_epoch * (args.epochs or 1)))
+    return max(1, math.ceil(per_epoch * epochs(args)))
 
 
 def eval_every(args: Any, total: int) -> int:
-    """--eval-steps, or 4 evaluations per run (every ceil(T / 4) steps: T = 5 gives steps 2 and 4, not all 5)."""
-    return args.eval_steps or max(1, math.ceil(total / 4))
+    """--eval-steps, or 4 evaluations per run (every ceil(T / 4) steps: T = 5 gives steps 2 and 4, not all 5).
+    --eval-steps 0 (only the final evaluation) gets the default too: the caller then passes no evaluation set, so no
+    periodic evaluation runs and the interval is unused."""
+    if args.eval_steps is None or args.eval_steps == 0:
+        return max(1, math.ceil(total / 4))
+    return args.eval_steps
 
 
 def check_reporters(report_to: Sequence[str]) -> list[str]:
@@ -92,18 +101,18 @@ def train_model(model, tokenizer, spec, train_ds, eval_ds, args: argparse.Namesp
     from .eval import collator_for
 
     total = total_steps(len(train_ds), args)
-    save_steps = option(args, "save_steps")
+    save_steps, logging_steps = option(args, "save_steps"), option(args, "logging_steps")
     extra, report_to = reporting_callbacks(option(args, "report_to"), logging_dir)
     training_args = TrainingArguments(
         output_dir=str(workdir), per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, learning_rate=args.lr,
         gradient_accumulation_steps=option(args, "gradient_accumulation_steps"),
-        num_train_epochs=args.epochs or 1, max_steps=args.max_steps or -1,
+        num_train_epochs=epochs(args), max_steps=-1 if args.max_steps is None else args.max_steps,
         warmup_steps=int(option(args, "warmup_ratio") * total), lr_scheduler_type=option(args, "lr_scheduler"),
         weight_decay=option(args, "weight_decay"), bf16=option(args, "bf16"), fp16=option(args, "fp16"),
-        logging_steps=option(args, "logging_steps") or max(1, total // 50),
+        logging_steps=logging_steps if logging_steps is not None else max(1, total // 50),
         eval_strategy="steps" if eval_ds is not None else "no", eval_steps=eval_every(args, total),
-        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,  # None or 0: no checkpoints
         restore_callback_states_from_checkpoint=resume is not None,
         report_to=report_to, seed=args.seed, data_seed=args.seed, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, disable_tqdm=False,
