@@ -190,12 +190,14 @@ def test_each_weight_is_decomposed_once_and_reused_for_the_init(tiny_llama, monk
     torch.testing.assert_close(reused, fresh.B0 @ fresh.A, rtol=1e-4, atol=1e-5)
 
 
-def test_callers_config_is_not_modified_and_is_reusable(tiny_llama):
+def test_callers_config_receives_the_allocation(tiny_llama):
     config = _energy_config()
     first = get_peft_model(tiny_llama(0), config)
-    second = get_peft_model(tiny_llama(1), config)
-    assert config.rank_pattern == {} and config.rank_budget is None
-    assert first.peft_config["default"].rank_pattern != second.peft_config["default"].rank_pattern
+    assert first.peft_config["default"] is config and config.rank_pattern  # PEFT's convention (issue 25)
+    second = get_peft_model(tiny_llama(1), config)  # the object now holds an allocation, reused as a saved one is
+    assert lamda_parameter_counts(second).ranks == lamda_parameter_counts(first).ranks
+    fresh = get_peft_model(tiny_llama(1), _energy_config())  # another model's own allocation: a fresh config
+    assert fresh.peft_config["default"].rank_pattern != config.rank_pattern
 
 
 def test_save_reload_keeps_the_ranks_without_any_svd(tiny_llama, input_ids, tmp_path, monkeypatch):

@@ -144,8 +144,10 @@ def allocate_energy_ranks(config: Any, modules: Mapping[str, nn.Module]) -> dict
         if missing:
             raise ValueError(
                 f"rank_allocation='energy' with a rank_pattern that does not name {len(missing)} targeted module(s), "
-                f"e.g. {missing[0]!r}. LaMDA++ fills rank_pattern itself (it is read back as a saved allocation): "
-                "leave rank_pattern empty to compute the ranks, or use rank_allocation='uniform' with your own pattern."
+                f"e.g. {missing[0]!r}. LaMDA++ fills rank_pattern itself (it is read back as a saved allocation, and a "
+                "config already given to get_peft_model holds that model's allocation): leave rank_pattern empty to "
+                "compute the ranks (a fresh LamdaConfig for another model), or use rank_allocation='uniform' with your "
+                "own pattern."
             )
         return {}
     r_min, r_max = config.rank_bounds

@@ -10,8 +10,10 @@ so the freezing is structural.
 
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Any, Callable, Optional
+import zlib
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +26,10 @@ from .quantized import add_to_weight, factor_dtype
 
 # Fresh factors for one adapter: returns {container name: tensor} to copy into the placeholders.
 InitFn = Callable[[], dict[str, torch.Tensor]]
+
+# Seed of init_weights=False's perturbation, mixed with the module and adapter names: fixed, so every process (and
+# every data-parallel rank) perturbs a given layer the same way, whatever the global RNG state.
+NON_IDENTITY_SEED = 25
 
 
 class LowRankDeltaLayer(nn.Module, BaseTunerLayer):
@@ -53,6 +59,9 @@ class LowRankDeltaLayer(nn.Module, BaseTunerLayer):
         # Pending adapters whose weights PEFT is loading right now (``expect_checkpoint``): PEFT reads the model's
         # state_dict while matching keys, and that read must not trigger the deferred decomposition.
         self._incoming: set[str] = set()
+        # Per adapter, PEFT's ``autocast_adapter_dtype``: True keeps the trained factors (and B0S0) in float32,
+        # False stores them in the base layer's dtype. Set by the tuner's ``_cast_adapter_dtype``.
+        self.autocast_adapter_dtype: dict[str, bool] = {}
         # A module-level function, not a lambda, so that the whole model pickles (torch.save(model), spawn).
         self.register_state_dict_pre_hook(_materialize_before_state_dict)
         self.kwargs = kwargs
@@ -159,20 +168,40 @@ class LowRankDeltaLayer(nn.Module, BaseTunerLayer):
         placeholders then hold garbage until the deferred init fills *every* factor on first use)."""
         return defer_init or self.get_base_layer().weight.device.type == "meta"
 
+    # -- dtypes -----------------------------------------------------------------------------------------
+    def factor_storage_dtype(self, adapter: str, name: str) -> torch.dtype:
+        """The dtype container ``name`` holds for ``adapter``: A always in the base dtype (x A^T needs no cast, so no
+        copy of A or x is kept); S, B, B0S0 in float32, or in the base dtype under ``autocast_adapter_dtype=False``."""
+        if name in self.base_dtype_factor_names or not self.autocast_adapter_dtype.get(adapter, True):
+            return factor_dtype(self.get_base_layer())
+        return torch.float32
+
+    def set_autocast_adapter_dtype(self, adapter: str, autocast_adapter_dtype: bool) -> None:
+        """PEFT's ``autocast_adapter_dtype`` for ``adapter``, applied now and kept for later moves."""
+        if adapter in self.r:
+            self.autocast_adapter_dtype[adapter] = autocast_adapter_dtype
+            self._place_factors(adapter, device=None)
+
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
-        """Move to the base layer's device, keeping our dtype policy (PEFT's version casts all to the base dtype):
-        the frozen A in the base dtype (x A^T needs no cast, so no copy of A or x is kept), everything else float32."""
-        weight = self.get_base_layer().weight
-        device = device or weight.device
-        if device.type == "meta":
-            return
+        """Move to the base layer's device with our dtype policy (``factor_storage_dtype``; PEFT's version casts all
+        to the base dtype)."""
+        device = device or self.get_base_layer().weight.device
+        if device.type != "meta":
+            self._place_factors(adapter_name, device)
+
+    def _place_factors(self, adapter: str, device: Optional[torch.device]) -> None:
         for name in self.adapter_layer_names + self.other_param_names:
             container = getattr(self, name, None)
-            if isinstance(container, (nn.ParameterDict, BufferDict)) and adapter_name in container:
-                dtype = factor_dtype(self.get_base_layer()) if name in self.base_dtype_factor_names else torch.float32
-                container[adapter_name] = container[adapter_name].to(device=device, dtype=dtype)
-            elif isinstance(container, nn.ModuleDict) and adapter_name in container:
-                container[adapter_name].to(device)
+            if isinstance(container, (nn.ParameterDict, BufferDict)) and adapter in container:
+                old = container[adapter]
+                new = old.to(device=device, dtype=self.factor_storage_dtype(adapter, name))
+                if new is old:
+                    continue
+                if isinstance(old, nn.Parameter):  # ParameterDict would wrap it with requires_grad=True
+                    new = nn.Parameter(new, requires_grad=old.requires_grad)
+                container[adapter] = new
+            elif isinstance(container, nn.ModuleDict) and adapter in container and device is not None:
+                container[adapter].to(device)
 
     # -- forward ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -211,7 +240,7 @@ class LowRankDeltaLayer(nn.Module, BaseTunerLayer):
             if adapter not in self.r:
                 continue
             with torch.no_grad():
-                refuse = f"adapter {adapter!r}" if safe_merge else None  # safe_merge: NaN/Inf leaves W untouched
+                refuse = adapter if safe_merge else None  # safe_merge: NaN/Inf leaves W untouched
                 add_to_weight(base, self.get_delta_weight(adapter), refuse_nonfinite=refuse)
             self.merged_adapters.append(adapter)
 
@@ -231,6 +260,7 @@ class LowRankDeltaLayer(nn.Module, BaseTunerLayer):
         self.r.pop(adapter_name, None)
         self.scaling.pop(adapter_name, None)
         self.b_frozen_columns.pop(adapter_name, None)
+        self.autocast_adapter_dtype.pop(adapter_name, None)
         self._pending_init.pop(adapter_name, None)
         self._incoming.discard(adapter_name)
 
@@ -238,3 +268,22 @@ class LowRankDeltaLayer(nn.Module, BaseTunerLayer):
 def _materialize_before_state_dict(module: LowRankDeltaLayer, prefix: str, keep_vars: bool) -> None:
     """state_dict pre-hook: a deferred init runs before its factors are read, unless PEFT is loading them now."""
     module._materialize_pending(skip_incoming=True)
+
+
+def perturb_for_non_identity_start(factors: dict[str, torch.Tensor], names: Sequence[str], module_name: str,
+                                   adapter: str) -> dict[str, torch.Tensor]:
+    """``init_weights=False``: add U(-1/sqrt(r), 1/sqrt(r)) noise to the trainable factors ``names`` (S (r, r),
+    B (d_out, r)); the bound is what PEFT's LoRA B gets with ``init_lora_weights=False`` (nn.Linear's init, fan_in r).
+
+    The noise comes from a generator seeded with ``NON_IDENTITY_SEED`` and the module and adapter names, so the same
+    layer gets the same start in every process, and two adapters on one layer get different ones.
+    """
+    key = zlib.crc32(f"{module_name}\0{adapter}".encode())
+    generator = torch.Generator().manual_seed(NON_IDENTITY_SEED * 2**32 + key)
+    perturbed = dict(factors)
+    for name in names:
+        value = factors[name].float()
+        bound = 1.0 / math.sqrt(value.shape[-1])
+        noise = (torch.rand(value.shape, generator=generator) * 2.0 - 1.0) * bound
+        perturbed[name] = value + noise.to(value.device)
+    return perturbed

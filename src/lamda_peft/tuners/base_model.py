@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -34,8 +35,27 @@ class LowRankDeltaTuner(BaseTuner):
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """Our layers set their own dtypes (trainable factors float32, A in the base dtype). PEFT's default would
-        also upcast A to float32 under a bf16 base, and every step would then cast it back: a saved copy per layer."""
+        """PEFT's ``autocast_adapter_dtype``, which PEFT passes here after creating or loading an adapter.
+
+        True (PEFT's default): S, B and B0S0 in float32 under a float16/bfloat16 base, as PEFT upcasts LoRA's weights.
+        False: they keep the base layer's dtype, as PEFT's LoRA does. A stays in the base dtype either way (PEFT's
+        default would upcast it too, and every step would cast it back: a saved copy per layer).
+        """
+        for module in self.model.modules():
+            if isinstance(module, LowRankDeltaLayer):
+                module.set_autocast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """PEFT runs every forward and generate inside this. Mixed adapter batches (``adapter_names=``, a LoRA
+        feature) are not implemented here, and PEFT would drop the argument: the whole batch would silently go
+        through the active adapter. Refuse it instead."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "adapter_names (mixed adapter batches) is not supported by LaMDA and LoRA-FA adapters; run one batch "
+                "per adapter after model.set_adapter(name), or use model.disable_adapter() for the base model."
+            )
+        yield
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
@@ -50,33 +70,36 @@ class LowRankDeltaTuner(BaseTuner):
                        low_cpu_mem_usage: bool = False, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
         """PEFT's injection, preceded by LaMDA++'s rank allocation when the config asks for it.
 
-        The allocation runs on a copy of the config (the caller's object stays reusable on another model) and
-        its SVDs are kept until each layer's spectral init has used them, so every weight is decomposed once.
+        The allocation is written into the caller's config object, as PEFT's own methods fill in the config they
+        are given (``model.peft_config[name] is config``): a later ``PeftModel.from_pretrained(..., config=config)``
+        or ``add_adapter(..., config)`` reuses it instead of allocating again. Should the injection fail, the config
+        gets its fields back. The SVDs are kept until each layer's spectral init has used them, so every weight is
+        decomposed once.
         """
         keep_training_layout(model)  # before any init reads a 4-bit weight (see quantized.py)
         self._svd_cache: dict[str, Any] = {}
         config = self.peft_config[adapter_name]
-        planned = None
+        planned, restore = None, None
         if getattr(config, "rank_allocation", "uniform") == "energy" and state_dict is None:
-            if not config.rank_pattern:
-                config = self.peft_config[adapter_name] = copy.deepcopy(config)
+            restore = _allocation_fields(config)
             planned = find_target_modules(model, config, self.target_module_mapping)
             self._svd_cache = allocate_energy_ranks(config, planned)
+            if not self._svd_cache and _needs_spectral_init(config, state_dict):  # an allocation reused as is
+                self._svd_cache = prefetch_decompositions(config, planned)
         elif _needs_spectral_init(config, state_dict):
             # Decompose every targeted weight up front, several at once (eigensolver.decompose_many), instead of one
             # after the other as PEFT creates the layers; each layer's init then takes its own decomposition.
             self._svd_cache = prefetch_decompositions(config, find_target_modules(model, config, self.target_module_mapping))
         try:
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
+            if planned is not None:
+                _check_allocated_modules_were_wrapped(model, adapter_name, planned)
+        except BaseException:
+            for name, value in (restore or {}).items():
+                setattr(config, name, value)
+            raise
         finally:
             self._svd_cache = {}
-        if planned is not None:
-            wrapped = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and adapter_name in m.r]
-            if wrapped != list(planned):  # our copy of PEFT's matching drifted from PEFT's: never allocate silently
-                raise RuntimeError(
-                    f"LaMDA++ allocated ranks for {len(planned)} modules but PEFT wrapped {len(wrapped)}; please report "
-                    "this with your target_modules, or list the target modules explicitly."
-                )
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **optional_kwargs: Any):
         if current_key is None:
@@ -99,6 +122,20 @@ class LowRankDeltaTuner(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # a second adapter is not trainable until set_adapter selects it
         self._replace_module(parent, target_name, new_module, target)
+
+
+def _check_allocated_modules_were_wrapped(model: nn.Module, adapter_name: str, planned: dict[str, nn.Module]) -> None:
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and adapter_name in m.r]
+    if wrapped != list(planned):  # our copy of PEFT's matching drifted from PEFT's: never allocate silently
+        raise RuntimeError(
+            f"LaMDA++ allocated ranks for {len(planned)} modules but PEFT wrapped {len(wrapped)}; please report "
+            "this with your target_modules, or list the target modules explicitly."
+        )
+
+
+def _allocation_fields(config: Any) -> dict[str, Any]:
+    """The config fields LaMDA++ writes, as they are before it runs (restored if the injection fails)."""
+    return {name: copy.copy(getattr(config, name)) for name in ("rank_pattern", "r_min", "r_max", "rank_budget")}
 
 
 def _needs_spectral_init(config: Any, state_dict: Optional[dict]) -> bool:

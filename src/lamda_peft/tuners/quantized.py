@@ -103,13 +103,14 @@ def factor_dtype(base: nn.Module) -> torch.dtype:
 def add_to_weight(base: nn.Module, delta: torch.Tensor, refuse_nonfinite: Optional[str] = None) -> None:
     """``W <- W + delta`` for ``delta`` in the layer's storage layout (float32); a bnb weight is re-quantized.
 
-    ``refuse_nonfinite`` (the adapter's name, for ``safe_merge``): raise, writing nothing, if the sum has NaN/Inf.
+    ``refuse_nonfinite`` (the adapter's name, for ``safe_merge``): raise, writing nothing, if the sum has NaN/Inf,
+    with PEFT's own message (code that matches on LoRA's ``safe_merge`` error matches ours).
     """
     kind = quant_kind(base)
     with torch.no_grad():
         merged = (base.weight if kind is None else dense_weight(base)).float() + delta.float()
         if refuse_nonfinite is not None and not torch.isfinite(merged).all():
-            raise ValueError(f"merging {refuse_nonfinite} would put NaN/Inf in the weights; not merged")
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {refuse_nonfinite} seems to be broken")
         if kind is None:
             base.weight.copy_(merged.to(base.weight.dtype))
             return

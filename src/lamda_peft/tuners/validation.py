@@ -18,6 +18,10 @@ def check_common_fields(config: Any) -> None:
     for name, value in config.alpha_pattern.items():
         if not float(value) > 0:
             raise ValueError(f"alpha_pattern[{name!r}] must be > 0, got {value!r}")
+    if not isinstance(config.init_weights, bool):
+        raise ValueError(
+            f"init_weights must be True (identity start) or False (perturbed start), got {config.init_weights!r}"
+        )
     _check_layer_selection(config)
     if isinstance(config.target_modules, list):
         config.target_modules = set(config.target_modules)

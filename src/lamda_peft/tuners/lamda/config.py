@@ -43,6 +43,12 @@ class LamdaConfig(PeftConfig):
                           "'activations' (A spans the top-r principal directions of the layer's inputs; needs "
                           "lamda_peft.initialize_from_activations(model, dataloader) before training)."},
     )
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: the adapter starts as the identity (the delta is exactly zero). False: S and B get a "
+                          "seeded perturbation (A and B0S0 keep the init), so the adapter changes the outputs from the "
+                          "start; PEFT's own switch of the same name, for tests and debugging."},
+    )
     svd_method: Literal["exact", "randomized"] = field(
         default="exact", metadata={"help": "'exact' SVD, or 'randomized' (seeded, with svd_niter power iterations)."}
     )
@@ -81,6 +87,11 @@ class LamdaConfig(PeftConfig):
         self.peft_type = LAMDA
         check_common_fields(self)
         _check_choice("init", self.init, INITS)
+        if self.init == "activations" and not self.init_weights:
+            raise ValueError(
+                "init_weights=False cannot be combined with init='activations': initialize_from_activations replaces "
+                "S and B, so the perturbation would be lost. Use another init, or init_weights=True."
+            )
         _check_choice("svd_method", self.svd_method, SVD_METHODS)
         _check_choice("freeze_order", self.freeze_order, FREEZE_ORDERS)
         if not isinstance(self.svd_niter, int) or self.svd_niter < 0:

@@ -21,7 +21,7 @@ from peft.tuners._buffer_dict import BufferDict
 
 from ...integrations.deepspeed import broadcast_from_first_rank, is_zero3_param
 from ...spectral import TopSVD, kaiming_uniform_factor, spectral_factors, top_svd
-from ..base_layer import LowRankDeltaLayer
+from ..base_layer import LowRankDeltaLayer, perturb_for_non_identity_start
 from ..quantized import factor_dtype
 from ..delta import weight_as_out_in
 from .activations import INIT as ACTIVATIONS, check_initialized
@@ -78,7 +78,10 @@ class LamdaLinear(LowRankDeltaLayer):
                          svd: Optional[TopSVD]) -> dict[str, torch.Tensor]:
         if config.init == ACTIVATIONS:  # runs only for a fresh adapter: a loaded one takes the checkpoint's factors
             self.awaiting_activations.add(adapter_name)
-        return initial_factors(self.get_base_layer(), config, r, scaling, name=module_name, svd=svd)
+        factors = initial_factors(self.get_base_layer(), config, r, scaling, name=module_name, svd=svd)
+        if not config.init_weights:  # part of the fresh init, so never applied again to a loaded adapter
+            factors = perturb_for_non_identity_start(factors, ("lamda_S", "lamda_B"), module_name, adapter_name)
+        return factors
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.training and torch.is_grad_enabled() and not self.disable_adapters:

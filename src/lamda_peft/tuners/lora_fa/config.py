@@ -31,6 +31,12 @@ class LoraFAConfig(PeftConfig):
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
     layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Name of the layer list."})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules trained in full."})
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: B starts at zero (the adapter is the identity). False: B gets a seeded perturbation "
+                          "(A keeps its init), so the adapter changes the outputs from the start; PEFT's own switch "
+                          "of the same name, for tests and debugging."},
+    )
     grad_correction: bool = field(
         default=False,
         metadata={"help": "LoRA-FA v2: replace B's gradient g_B by (1/s^2) g_B (A A^T)^+ (the projection of the full "

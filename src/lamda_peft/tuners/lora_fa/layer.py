@@ -18,7 +18,7 @@ from torch import nn
 from peft.tuners._buffer_dict import BufferDict
 
 from ...spectral import kaiming_uniform_factor
-from ..base_layer import LowRankDeltaLayer
+from ..base_layer import LowRankDeltaLayer, perturb_for_non_identity_start
 from ..quantized import factor_dtype
 from .config import LoraFAConfig
 
@@ -91,7 +91,9 @@ class LoraFALinear(LowRankDeltaLayer):
         # A deferred draw runs at first use, when the ranks of a data-parallel run may have used their global RNGs
         # differently (data order, dropout): draw its seed now, while they agree, so every rank gets the same A.
         seed = int(torch.randint(0, 2**62, (1,), device="cpu")) if defer else None
-        init_fn = functools.partial(initial_factors, r, d_in, d_out, seed)  # picklable, unlike a lambda
+        # init_weights=False: a seeded perturbation of B, part of the fresh init (a loaded adapter never runs it)
+        perturb = None if config.init_weights else (module_name, adapter_name)
+        init_fn = functools.partial(initial_factors, r, d_in, d_out, seed, perturb)  # picklable, unlike a lambda
         self._assign_factors(adapter_name, init_fn, defer=defer)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -99,12 +101,17 @@ class LoraFALinear(LowRankDeltaLayer):
         return "lorafa." + super().__repr__()
 
 
-def initial_factors(r: int, d_in: int, d_out: int, seed: Optional[int] = None) -> dict[str, torch.Tensor]:
+def initial_factors(r: int, d_in: int, d_out: int, seed: Optional[int] = None,
+                    perturb: Optional[tuple[str, str]] = None) -> dict[str, torch.Tensor]:
     """LoRA-FA's init: A Kaiming-uniform (PEFT LoRA's init of A), B = 0. Both are set, so a layer whose placeholders
     hold garbage (a meta-device base after ``to_empty``) is fully initialised. ``seed``: draw A from its own
-    generator (a deferred init) instead of the global RNG."""
+    generator (a deferred init) instead of the global RNG. ``perturb`` (module name, adapter name): init_weights=False,
+    B gets a seeded perturbation (``perturb_for_non_identity_start``)."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return {"lorafa_A": kaiming_uniform_factor(r, d_in, generator), "lorafa_B": torch.zeros(d_out, r)}
+    factors = {"lorafa_A": kaiming_uniform_factor(r, d_in, generator), "lorafa_B": torch.zeros(d_out, r)}
+    if perturb is not None:
+        factors = perturb_for_non_identity_start(factors, ("lorafa_B",), *perturb)
+    return factors
 
 
 # PEFT recognises an already-wrapped layer as linear (for "all-linear" on a second adapter) by the "Linear" in
