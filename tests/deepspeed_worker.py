@@ -64,9 +64,11 @@ def main(mode: str, out: Path) -> None:
     if rank == 0:
         make_tiny_llama(seed=0).save_pretrained(checkpoint)
     dist.barrier()
-    config = LamdaConfig(r=4, lora_alpha=8, target_modules="all-linear", freeze_ratio=0.5,
-                         rank_allocation="energy" if mode == "zero3-energy" else "uniform")
-    reference = get_peft_model(AutoModelForCausalLM.from_pretrained(checkpoint), config)  # no DeepSpeed
+    def config():  # one per model: LaMDA++ writes its allocation into the config it is given
+        return LamdaConfig(r=4, lora_alpha=8, target_modules="all-linear", freeze_ratio=0.5,
+                           rank_allocation="energy" if mode == "zero3-energy" else "uniform")
+
+    reference = get_peft_model(AutoModelForCausalLM.from_pretrained(checkpoint), config())  # no DeepSpeed
 
     ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
                  "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
@@ -75,7 +77,7 @@ def main(mode: str, out: Path) -> None:
     hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (kept alive: from_pretrained partitions under ZeRO-3)
     base = AutoModelForCausalLM.from_pretrained(checkpoint)
     partitioned = base.model.layers[0].self_attn.q_proj.weight.numel() == 0
-    model = get_peft_model(base, config)
+    model = get_peft_model(base, config())
     ours = {n: m for n, m in model.named_modules() if isinstance(m, LamdaLayer)}
     theirs = {n: m for n, m in reference.named_modules() if isinstance(m, LamdaLayer)}
     ranks = {n: m.r["default"] for n, m in ours.items()}

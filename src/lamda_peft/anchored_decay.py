@@ -25,8 +25,10 @@ How: optimizer step hooks (:func:`anchor_weight_decay`), exact for both kinds of
 
 Frozen columns of B are left alone (``lamda_peft.freezing`` keeps them bit-identical). ``attach_freezing`` and
 ``LamdaCallback`` install the hooks, so the Trainer (its own AdamW included), the CLI and a plain loop get them.
-An optimizer whose decay this module does not know (bitsandbytes' 8-bit AdamW, Adafactor, DeepSpeed's ZeRO), or a
-sharded S/B (FSDP2), gets a warning instead: there the decay still pulls toward zero.
+Under DeepSpeed ZeRO (a torch AdamW inside) the correction goes to each rank's slice of the master and working
+copies (``anchor_zero_weight_decay``). An optimizer whose decay this module does not know (bitsandbytes' 8-bit
+AdamW, Adafactor, DeepSpeed's own fused optimizers, coupled decay under ZeRO), or a sharded S/B (FSDP2), gets a
+warning instead: there the decay still pulls toward zero.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .integrations import zero_optimizer
 from .tuners.lamda.layer import LamdaLayer
 
 #: torch optimizers that add ``wd * p`` to the gradient (decay coupled to the update), unless the group says
@@ -60,8 +63,14 @@ class _Anchored:
         frozen = self.frozen()
         if frozen is None:
             return [slice(None)]
-        start, stop, _ = frozen.indices(self.param.shape[-1])
-        return [s for s in (slice(0, start), slice(stop, self.param.shape[-1])) if s.stop > s.start]
+        r = _full_shape(self.param)[-1]
+        start, stop, _ = frozen.indices(r)
+        return [s for s in (slice(0, start), slice(stop, r)) if s.stop > s.start]
+
+
+def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The parameter's real shape (a ZeRO-3 partitioned parameter is empty; ``ds_shape`` holds it)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
 
 
 def anchored_factors(model: nn.Module) -> dict[int, _Anchored]:
@@ -81,8 +90,8 @@ def anchored_factors(model: nn.Module) -> dict[int, _Anchored]:
 
 def _constant_like(S: torch.Tensor, zero: bool) -> Callable[[], torch.Tensor]:
     if zero:
-        return lambda: torch.zeros_like(S)
-    return lambda: torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+        return lambda: torch.zeros(_full_shape(S), dtype=S.dtype, device=S.device)
+    return lambda: torch.eye(_full_shape(S)[0], dtype=S.dtype, device=S.device)
 
 
 def _buffer(layer: nn.Module, adapter: str) -> Callable[[], torch.Tensor]:
@@ -145,6 +154,43 @@ class AnchoredDecay:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+class ZeroAnchoredDecay:
+    """Anchored decoupled decay on DeepSpeed ZeRO's optimizer: after its step, ``+ lr wd anchor`` on this rank's
+    slice of each anchored factor's master and working copy (``zero_optimizer.add_on_columns``)."""
+
+    def __init__(self, zero: Any, factors: dict[int, _Anchored]) -> None:
+        self.decayed = []
+        for factor in factors.values():
+            group = zero_optimizer.group_of(zero, factor.param)
+            if group is not None and float(group.get("weight_decay", 0.0) or 0.0) > 0:
+                self.decayed.append((factor, group))
+        self._hooks = zero_optimizer.register_step_hooks(zero, lambda *a: None, self._after_step)
+
+    def _after_step(self, zero: Any, args: Any, kwargs: Any) -> None:
+        for factor, group in self.decayed:
+            scale = float(group["lr"]) * float(group["weight_decay"])
+            for columns in factor.free_columns():
+                zero_optimizer.add_on_columns(factor.param, factor.anchor(), scale, columns)
+
+    def remove(self) -> None:
+        self._hooks.remove()
+
+
+def anchor_zero_weight_decay(model: nn.Module, zero: Any) -> Optional[ZeroAnchoredDecay]:
+    """:func:`anchor_weight_decay` for DeepSpeed ZeRO's optimizer (stages 1-3) around a torch AdamW/Adam/SGD."""
+    factors = anchored_factors(model)
+    inner = zero.optimizer
+    decayed = [g for g in inner.param_groups if float(g.get("weight_decay", 0.0) or 0.0) > 0]
+    if not factors or not decayed:
+        return None
+    kinds = {_decay_kind(inner, g) for g in decayed}
+    if kinds != {"decoupled"}:
+        warn_unanchored(f"under DeepSpeed ZeRO only a decoupled decay (AdamW) is re-anchored, not that of "
+                        f"{type(inner).__name__}")
+        return None
+    return ZeroAnchoredDecay(zero, factors)
 
 
 def anchor_weight_decay(model: nn.Module, optimizer: torch.optim.Optimizer) -> Optional[AnchoredDecay]:

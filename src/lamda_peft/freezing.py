@@ -44,7 +44,7 @@ from typing import Any, Literal, Optional
 import torch
 from torch import nn
 
-from .anchored_decay import anchor_weight_decay, warn_unanchored
+from .anchored_decay import anchor_weight_decay, anchor_zero_weight_decay
 from .integrations import zero_optimizer
 from .schedule import check_freeze_ratio, check_total_steps, freeze_count, freeze_end_step, frozen_columns
 from .tuners.lamda.config import LamdaConfig
@@ -148,10 +148,10 @@ class PMBFreezer:
         self._warned_blocked = False
         self.step = start_step
         if self.zero is not None:
-            if any(float(g.get("weight_decay", 0.0) or 0.0) > 0 for g in getattr(self.zero, "param_groups", ())):
-                warn_unanchored("DeepSpeed ZeRO's optimizer holds S and B as flat partitions")
-            self._hooks = [zero_optimizer.register_step_hooks(self.zero, self._before_optimizer_step,
-                                                              self._after_optimizer_step)]
+            anchored = anchor_zero_weight_decay(inner_model, self.zero)  # hooked first, as below
+            self._hooks = [anchored] if anchored is not None else []
+            self._hooks.append(zero_optimizer.register_step_hooks(self.zero, self._before_optimizer_step,
+                                                                  self._after_optimizer_step))
         else:
             # Weight decay toward the pretrained model (anchored_decay.py), hooked first: its post-step correction
             # must reach a column before the schedule below snapshots it.

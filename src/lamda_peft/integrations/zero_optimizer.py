@@ -112,6 +112,49 @@ def _frozen_positions(rows: int, r: int, start: int, stop: int, offset: int, n: 
     return (index[(column >= start) & (column < stop)] - offset)
 
 
+def group_of(zero_optimizer: Any, param: torch.nn.Parameter) -> Optional[dict]:
+    """The torch param group (lr, weight_decay) under which ZeRO trains ``param``'s flat partition, or None."""
+    groups = getattr(zero_optimizer, "fp16_groups", None) or getattr(zero_optimizer, "bit16_groups", None) or []
+    for index, group in enumerate(groups):
+        if any(p is param for p in group):
+            return zero_optimizer.optimizer.param_groups[index]
+    return None
+
+
+def _add_on_columns(flat: torch.Tensor, offset: int, value: torch.Tensor, scale: float, columns: slice) -> None:
+    """flat[i] += scale * value.flatten()[offset + i] wherever that element lies in ``columns`` (``value`` 2-D,
+    ``flat`` a 1-D slice of the row-major parameter starting at ``offset``)."""
+    rows, r = value.shape
+    n = max(0, min(flat.numel(), value.numel() - offset))
+    start, stop, _ = columns.indices(r)
+    positions = _frozen_positions(rows, r, start, stop, offset, n).to(flat.device)
+    addend = value.flatten()[offset + positions.to(value.device)].to(device=flat.device, dtype=flat.dtype)
+    flat[positions] += scale * addend
+
+
+@torch.no_grad()
+def add_on_columns(param: torch.nn.Parameter, value: torch.Tensor, scale: float, columns: slice) -> None:
+    """``param[:, columns] += scale * value[:, columns]`` in this rank's slice of ZeRO's master copy and of the
+    working parameter (local writes, as ``restore_columns``)."""
+    value = value.reshape(value.shape[0], -1)
+    if is_zero3_param(param):
+        import torch.distributed as dist
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        master = safe_get_local_fp32_param(param)
+        offset = master.numel() * dist.get_rank(group=param.ds_process_group)
+        _add_on_columns(master, offset, value, scale, columns)
+        safe_set_local_fp32_param(param, master)
+        _add_on_columns(param.ds_tensor.data.view(-1), offset, value, scale, columns)
+        if param.data.numel() == value.numel():  # gathered now: a small "persistent" parameter stays whole
+            param.data.view(value.shape)[:, columns] += (scale * value[:, columns]).to(param.dtype)
+        return
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is not None:
+        _add_on_columns(mapping.get_hp_fragment(), mapping.lp_fragment_address.start, value, scale, columns)
+    param.data[:, columns] += (scale * value[:, columns]).to(param.dtype)
+
+
 def _write_frozen(flat: torch.Tensor, offset: int, snapshot: torch.Tensor, columns: slice) -> None:
     """flat[i] = snapshot.flatten()[offset + i] wherever that element lies in ``columns`` (flat: a 1-D slice of the
     row-major (d_out, r) parameter starting at ``offset``, possibly padded past its end)."""
