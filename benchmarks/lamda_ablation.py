@@ -57,7 +57,7 @@ from lamda_peft.cli.eval import collator_for, evaluate, load_base  # noqa: E402
 from lamda_peft.data import infer_spec  # noqa: E402
 from lamda_peft.models import minilm_path  # noqa: E402
 from lamda_peft.optim import describe_groups, lamda_param_groups  # noqa: E402
-from lamda_peft.tuners.lamda.activations import initialize_from_activations  # noqa: E402
+from lamda_peft import initialize_from_activations  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"
 LOG = RESULTS / "lamda_ablation_runs.jsonl"

@@ -14,7 +14,7 @@ from .schedule import freeze_count
 from .optim import lamda_param_groups
 from .stall import loss_ratio
 from .tuners.lamda import LamdaConfig, LamdaLayer, LamdaModel
-from .tuners.lamda.activations import initialize_from_activations
+from .tuners.lamda.initialize import initialize, initialize_from_activations
 from .tuners.lora_fa import LoraFAConfig, LoraFALayer, LoraFAModel
 from .tuners.quantized import keep_training_layout
 
@@ -35,6 +35,7 @@ __all__ = [
     "LoraFALayer",
     "LoraFAModel",
     "export_lora",
+    "initialize",
     "initialize_from_activations",
     "keep_training_layout",
     "lamda_param_groups",

@@ -16,7 +16,7 @@ The delta form keeps step 0 exact whatever A is.
 Usage, in the style of PEFT's EVA (``peft.tuners.lora.eva``)::
 
     model = get_peft_model(base, LamdaConfig(init="activations", target_modules="all-linear"))
-    initialize_from_activations(model, train_dataloader, num_batches=8)
+    lamda_peft.initialize(model, train_dataloader, num_batches=8)   # initialize.py; or initialize_from_activations
     # then train as usual; training or saving before this call raises
 
 Until it runs, each layer holds placeholders (A = 0, B = B0S0 = 0, S = I: the delta is zero) and refuses to train
@@ -35,9 +35,6 @@ from torch import nn
 
 from ...integrations.deepspeed import broadcast_from_first_rank
 from ..delta import weight_as_out_in
-
-INIT = "activations"
-
 
 def activation_factors(gram: torch.Tensor, weight: torch.Tensor, r: int, scaling: float) -> dict[str, torch.Tensor]:
     """The factors of one layer from its input second moment ``gram`` (d_in, d_in) and base ``weight`` (d_out, d_in).
@@ -176,89 +173,10 @@ def _quiet(show_progress_bar: Optional[bool]) -> bool:
     return not show_progress_bar
 
 
-def initialize_from_activations(model: nn.Module, dataloader: Iterable, *, num_batches: int = 8,
-                                adapter_name: Optional[str] = None,
-                                forward_fn: Callable[[nn.Module, Any], Any] = _forward_dict,
-                                show_progress_bar: Optional[bool] = None) -> None:
-    """Initialize every layer of a ``LamdaConfig(init="activations")`` adapter from its input activations.
+def __getattr__(name: str):
+    """The entry point moved to initialize.py (shared with the gradient init); its old path still works."""
+    if name == "initialize_from_activations":
+        from .initialize import initialize_from_activations
 
-    Args:
-        model: the PeftModel (or tuner) holding the adapter, not initialized yet: a second call, or a call on a
-            loaded adapter, is refused (it would reset A, B, S).
-        dataloader: yields dicts of tensors as the model takes them (e.g. a collator's output); the first
-            ``num_batches`` batches are used. ``attention_mask`` leaves padding tokens out; ``labels`` are dropped,
-            except for an encoder-decoder model (BART, T5), whose decoder reads them as in training (its padding,
-            ``labels == -100`` or ``decoder_attention_mask``, is left out too).
-        num_batches: calibration batches (8 batches of 16 SST-2 sentences: ~1,700 tokens).
-        adapter_name: the adapter (default: the single active one).
-        forward_fn: ``forward_fn(model, batch)`` runs one batch (default ``model(**batch)`` without labels).
-        show_progress_bar: None shows it on a terminal only.
-
-    Data parallel (DDP; ``torch.distributed`` initialized; not tested under ZeRO): call it on every rank with its own
-    batches; the second moments are summed over the ranks and rank 0's factors broadcast, so every rank gets the
-    same A (collectives). A model already sharded by FSDP2 is refused: initialize before sharding.
-
-    Raises ValueError for a model without such an adapter, an adapter already initialized, an empty dataloader, a layer that saw fewer token rows
-    than its rank (use more or longer batches), or an FSDP2-sharded weight.
-    """
-    from .layer import LamdaLayer
-
-    if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 1:
-        raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
-    configs = getattr(model, "peft_config", None)
-    if not configs:
-        raise ValueError("initialize_from_activations needs a PEFT model: call "
-                         "peft.get_peft_model(base, LamdaConfig(init='activations', ...)) first")
-    if adapter_name is None:
-        active = list(getattr(model, "active_adapters", []))
-        if len(active) != 1:
-            raise ValueError(f"the model has {len(active)} active adapters ({active}); pass adapter_name=...")
-        adapter_name = active[0]
-    config = configs.get(adapter_name)
-    if getattr(config, "init", None) != INIT:
-        raise ValueError(f"adapter {adapter_name!r} was not created with LamdaConfig(init={INIT!r}) (its init is "
-                         f"{getattr(config, 'init', None)!r}); the activation init would replace its own init")
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, LamdaLayer) and adapter_name in m.r}
-    for layer in layers.values():
-        layer.materialize()  # a deferred init (a config read from disk, nothing loaded) runs first: placeholders
-    done = [name for name, m in layers.items() if adapter_name not in m.awaiting_activations]
-    if done:
-        raise ValueError(
-            f"adapter {adapter_name!r} is already initialized ({done[0]} holds real factors: from an earlier "
-            "initialize_from_activations call, or from a checkpoint); calling it again would reset A, B and S and "
-            "throw away any training. To recalibrate, create a fresh adapter (get_peft_model or add_adapter).")
-    sharded = [name for name, m in layers.items() if callable(getattr(m.get_base_layer().weight, "to_local", None))]
-    if sharded:
-        raise ValueError(f"{sharded[0]} has a sharded (FSDP2) weight: run initialize_from_activations before sharding "
-                         "(fully_shard / accelerator.prepare), on every rank")
-    grams, counts = input_second_moments(model, layers, dataloader, num_batches=num_batches, forward_fn=forward_fn,
-                                         show_progress_bar=show_progress_bar)
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if distributed:  # data parallel: every rank saw its own batches; all ranks must get the same A (collectives)
-        for name in layers:
-            dist.all_reduce(grams[name])
-            seen = torch.tensor([counts[name]], dtype=torch.float64, device=grams[name].device)
-            dist.all_reduce(seen)
-            counts[name] = int(seen.item())
-    for name, layer in layers.items():
-        r = layer.r[adapter_name]
-        if counts[name] < r:
-            raise ValueError(f"{name} saw {counts[name]} input rows in {num_batches} batches, fewer than its rank "
-                             f"r={r}: its principal directions are undetermined; pass more (or longer) batches")
-        weight = weight_as_out_in(layer.get_base_layer())
-        factors = activation_factors(grams[name], weight, r, layer.scaling[adapter_name])
-        if distributed:  # the same gram on every rank; rank 0's factors make them agree bit for bit
-            factors = broadcast_from_first_rank(factors)
-        with torch.no_grad():
-            for container, value in factors.items():
-                getattr(layer, container)[adapter_name].copy_(value)
-        layer.awaiting_activations.discard(adapter_name)
-
-
-def check_initialized(layer: nn.Module, adapter: str, action: str) -> None:
-    """Raise if ``adapter`` still holds the placeholders of an activation init that has not run."""
-    if adapter in getattr(layer, "awaiting_activations", ()):
-        raise RuntimeError(
-            f"adapter {adapter!r} uses LamdaConfig(init={INIT!r}) and has not been initialized yet, so it cannot "
-            f"{action}; call lamda_peft.initialize_from_activations(model, dataloader) first"
-        )
+        return initialize_from_activations
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,9 @@ from ..validation import check_common_fields
 
 LAMDA = peft_type("LAMDA")
 
-INITS = ("spectral", "spectral_zero", "random", "activations")
+INITS = ("spectral", "spectral_zero", "random", "activations", "gradient")
+#: inits computed from data by lamda_peft.initialize(model, dataloader) after get_peft_model
+CALIBRATED_INITS = ("activations", "gradient")
 SVD_METHODS = ("exact", "randomized")
 FREEZE_ORDERS = ("largest_first", "smallest_first")
 RANK_ALLOCATIONS = ("uniform", "energy")
@@ -37,11 +39,12 @@ class LamdaConfig(PeftConfig):
         default=None, metadata={"help": "Module names, a regex, or 'all-linear' (as in PEFT)."}
     )
     exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to skip."})
-    init: Literal["spectral", "spectral_zero", "random", "activations"] = field(
+    init: Literal["spectral", "spectral_zero", "random", "activations", "gradient"] = field(
         default="spectral",
         metadata={"help": "'spectral' (S=I, top-r SVD factors), 'spectral_zero' (S=0), 'random' (random A, B=0), "
-                          "'activations' (A spans the top-r principal directions of the layer's inputs; needs "
-                          "lamda_peft.initialize_from_activations(model, dataloader) before training)."},
+                          "'activations' (A spans the top-r principal directions of the layer's inputs), "
+                          "'gradient' (A and B span the top-r singular subspaces of the loss gradient with respect "
+                          "to the base weight); both need lamda_peft.initialize(model, dataloader) before training."},
     )
     init_weights: bool = field(
         default=True,
@@ -87,10 +90,10 @@ class LamdaConfig(PeftConfig):
         self.peft_type = LAMDA
         check_common_fields(self)
         _check_choice("init", self.init, INITS)
-        if self.init == "activations" and not self.init_weights:
+        if self.init in CALIBRATED_INITS and not self.init_weights:
             raise ValueError(
-                "init_weights=False cannot be combined with init='activations': initialize_from_activations replaces "
-                "S and B, so the perturbation would be lost. Use another init, or init_weights=True."
+                f"init_weights=False cannot be combined with init={self.init!r}: lamda_peft.initialize replaces S and "
+                "B, so the perturbation would be lost. Use another init, or init_weights=True."
             )
         _check_choice("svd_method", self.svd_method, SVD_METHODS)
         _check_choice("freeze_order", self.freeze_order, FREEZE_ORDERS)

@@ -24,8 +24,7 @@ from ...spectral import TopSVD, kaiming_uniform_factor, spectral_factors, top_sv
 from ..base_layer import LowRankDeltaLayer, perturb_for_non_identity_start
 from ..quantized import factor_dtype
 from ..delta import weight_as_out_in
-from .activations import INIT as ACTIVATIONS, check_initialized
-from .config import LamdaConfig
+from .config import CALIBRATED_INITS, LamdaConfig
 
 
 class LamdaLinear(LowRankDeltaLayer):
@@ -44,8 +43,8 @@ class LamdaLinear(LowRankDeltaLayer):
         self.lamda_S = nn.ParameterDict({})
         self.lamda_B = nn.ParameterDict({})
         self.lamda_dropout = nn.ModuleDict({})
-        # Adapters with init="activations" holding placeholders until initialize_from_activations runs.
-        self.awaiting_activations: set[str] = set()
+        # Adapters with a data-driven init (CALIBRATED_INITS) holding placeholders until lamda_peft.initialize runs.
+        self.awaiting_calibration: set[str] = set()
         self.register_state_dict_pre_hook(_refuse_placeholders_in_state_dict)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, r, lora_alpha, module_name=module_name, defer_init=defer_init, svd=svd)
@@ -76,8 +75,8 @@ class LamdaLinear(LowRankDeltaLayer):
 
     def _initial_factors(self, adapter_name: str, config: LamdaConfig, r: int, scaling: float, module_name: str,
                          svd: Optional[TopSVD]) -> dict[str, torch.Tensor]:
-        if config.init == ACTIVATIONS:  # runs only for a fresh adapter: a loaded one takes the checkpoint's factors
-            self.awaiting_activations.add(adapter_name)
+        if config.init in CALIBRATED_INITS:  # only for a fresh adapter: a loaded one takes the checkpoint's factors
+            self.awaiting_calibration.add(adapter_name)
         factors = initial_factors(self.get_base_layer(), config, r, scaling, name=module_name, svd=svd)
         if not config.init_weights:  # part of the fresh init, so never applied again to a loaded adapter
             factors = perturb_for_non_identity_start(factors, ("lamda_S", "lamda_B"), module_name, adapter_name)
@@ -86,12 +85,12 @@ class LamdaLinear(LowRankDeltaLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.training and torch.is_grad_enabled() and not self.disable_adapters:
             for adapter in self.active_adapters:
-                check_initialized(self, adapter, "train")
+                check_calibrated(self, adapter, "train")
         return super().forward(x, *args, **kwargs)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self.awaiting_activations.discard(adapter_name)
+        self.awaiting_calibration.discard(adapter_name)
 
     def __repr__(self) -> str:
         return "lamda." + super().__repr__()
@@ -109,12 +108,13 @@ def initial_factors(base: nn.Module, config: LamdaConfig, r: int, scaling: float
     spectral:      A, B from the top-r SVD, S = I, B0S0 = B   (so s B0 S0 A is W0's top-r part)
     spectral_zero: A, B from the top-r SVD, S = 0, B0S0 = 0
     random:        A Kaiming-uniform, B = 0, S = I, B0S0 = 0
-    activations:   placeholders A = 0, B = 0, S = I, B0S0 = 0 until initialize_from_activations (activations.py)
+    activations,
+    gradient:      placeholders A = 0, B = 0, S = I, B0S0 = 0 until lamda_peft.initialize (initialize.py)
     """
     weight = weight_as_out_in(base)
     d_out, d_in = weight.shape
     eye = torch.eye(r, dtype=torch.float32)
-    if config.init == ACTIVATIONS:
+    if config.init in CALIBRATED_INITS:
         A = torch.zeros(r, d_in)
         B = B0S0 = torch.zeros(d_out, r)
         S = eye
@@ -135,7 +135,16 @@ def initial_factors(base: nn.Module, config: LamdaConfig, r: int, scaling: float
     return factors
 
 
+def check_calibrated(layer: nn.Module, adapter: str, action: str) -> None:
+    """Raise if ``adapter`` still holds the placeholders of a data-driven init that has not run."""
+    if adapter in getattr(layer, "awaiting_calibration", ()):
+        raise RuntimeError(
+            f"adapter {adapter!r} uses a data-driven init ({', '.join(CALIBRATED_INITS)}) and has not been "
+            f"initialized yet, so it cannot {action}; call lamda_peft.initialize(model, dataloader) first"
+        )
+
+
 def _refuse_placeholders_in_state_dict(module: LamdaLinear, prefix: str, keep_vars: bool) -> None:
-    """state_dict pre-hook (after the deferred-init one): an activation init that has not run must not be saved."""
-    for adapter in module.awaiting_activations:
-        check_initialized(module, adapter, "be saved (its factors are placeholders)")
+    """state_dict pre-hook (after the deferred-init one): a data-driven init that has not run must not be saved."""
+    for adapter in module.awaiting_calibration:
+        check_calibrated(module, adapter, "be saved (its factors are placeholders)")
