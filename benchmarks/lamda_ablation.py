@@ -11,6 +11,8 @@ and a seed. The knobs (each defaults to the committed LaMDA/CLI setting):
     warmup                    warmup fraction of the steps (the CLI uses 0.06)
     alpha                     lora_alpha (s = alpha / r; the CLI uses 2 r); "rs" prefix: rsLoRA, alpha * sqrt(r)
     init                      spectral (paper: top-r SVD, S = I), spectral_zero (S = 0), random (random A, B = 0),
+                              gradient (A, B0 span the top-r singular subspaces of the loss gradient wrt W0 over
+                              the calibration batches; lamda_peft.initialize),
                               activations (A spans the top-r principal directions of the layer's input activations
                               over 8 calibration batches of 16 training sentences, ~1,700 tokens, scaled like
                               spectral; lamda_peft.initialize_from_activations. The runs of plans gap and
@@ -22,6 +24,8 @@ and a seed. The knobs (each defaults to the committed LaMDA/CLI setting):
     r                         the rank (alpha is set with it, as alpha = 2 r everywhere)
     train_size                training rows (default 2,000; the same seeded shuffle, so a larger sample contains
                               the smaller one; the held-out and dev rows do not change)
+    calibration               examples of the data-driven inits (activations, gradient): batches of 16 (default 128)
+    head_warmup               gradient init: head-only AdamW steps before the gradient is taken (default 0)
     weight_decay              AdamW's decoupled weight decay on every group but biases and norms (default 0)
     decay_anchor              True (default): LaMDA's S and B decay toward S0 and B0S0 (lamda_peft.anchored_decay);
                               False: toward 0, as before issue 25
@@ -64,7 +68,7 @@ LOG = RESULTS / "lamda_ablation_runs.jsonl"
 R = 8  # the rank of every run unless a cell sets r
 DEFAULTS = dict(method="lamda", steps=100, seed=0, lr=1e-3, lr_S=None, lr_B=None, lr_head=None, freeze_ratio=0.3,
                 warmup=0.06, alpha="16", init="spectral", subspace="top", r=R, freeze_order="largest_first",
-                train_size=2000, weight_decay=0.0, decay_anchor=True)
+                train_size=2000, weight_decay=0.0, decay_anchor=True, calibration=128, head_warmup=0)
 
 
 def cell(**kw: Any) -> dict:
@@ -179,6 +183,14 @@ PLANS: dict[str, list[dict]] = {
     "data16k": _grid((1600,), (0,), [dict(method="lora", train_size=16000), dict(lr_S=5e-3, train_size=16000),
                                      dict(lr_S=1e-2, train_size=16000)])
     + _grid((1600,), (1,), [dict(method="lora", train_size=16000), dict(lr_S=5e-3, train_size=16000)]),
+    # 16. (session 10) issue 24: the gradient init (A, B0 from the loss gradient's top-r subspaces) against the
+    #     paper's spectral init, at S's default 10x here (the 400-step spectral runs above are at 10x, seeds 0-2),
+    #     with and without a head warm-up (the head starts random), and with 16 / 256 calibration examples
+    "gradient": _grid((100, 400), (0, 1, 2), [dict(lr_S=1e-2, init="gradient"),
+                                               dict(lr_S=1e-2, init="gradient", head_warmup=20)])
+    + _grid((100,), (0, 1, 2), [dict(lr_S=1e-2)])
+    + _grid((400,), (0,), [dict(lr_S=1e-2, init="gradient", calibration=16),
+                           dict(lr_S=1e-2, init="gradient", calibration=256)]),
     # 15. (session 10) weight decay: anchored at S0/B0S0 (issue 25) against the decay toward 0 it replaces, at the
     #     settings of the 400-step default-10x runs (weight decay 0 there: seeds 0-2)
     "weight_decay": _grid((400,), (0, 1, 2), [dict(lr_S=1e-2, weight_decay=0.1),
@@ -245,9 +257,14 @@ def one_run(c: dict, data) -> dict:
     model = get_peft_model(model, _lamda_config(c, TaskType.SEQ_CLS))
     if c["subspace"] == "minor":
         _use_minor_subspace(model)
-    if c["init"] == "activations":  # 8 seeded batches of 16 training sentences
-        batches = _calibration_batches(spec.encode(train, tokenizer), collator_for(spec, tokenizer), c["seed"])
-        initialize_from_activations(model, batches, num_batches=len(batches))
+    if c["init"] in ("activations", "gradient"):  # seeded batches of 16 training sentences (with their labels)
+        batches = _calibration_batches(spec.encode(train, tokenizer), collator_for(spec, tokenizer), c["seed"],
+                                       num_batches=max(1, c["calibration"] // 16))
+        if c["init"] == "activations":
+            initialize_from_activations(model, batches, num_batches=len(batches))
+        else:
+            lamda_peft.initialize(model, batches, num_batches=len(batches), head_warmup_steps=c["head_warmup"],
+                                  head_lr=c["lr_head"] or c["lr"], seed=c["seed"])
     # None = lr: the ablation's baseline is one lr for everything (the library's default multipliers may differ)
     groups = lamda_param_groups(model, c["lr"], weight_decay=c["weight_decay"],
                                 **{k: c[k] or c["lr"] for k in ("lr_S", "lr_B", "lr_head")})
