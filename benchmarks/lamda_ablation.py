@@ -270,9 +270,9 @@ def one_run(c: dict, data) -> dict:
                                 **{k: c[k] or c["lr"] for k in ("lr_S", "lr_B", "lr_head")})
     optimizer = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"])
     if not c["decay_anchor"]:  # the decay toward 0 of before issue 25: no anchoring hooks from attach_freezing
-        import lamda_peft.freezing
+        from lamda_peft import freezing
 
-        lamda_peft.freezing.anchor_weight_decay = lambda model, optimizer: None
+        freezing.anchor_weight_decay = lambda model, optimizer: None
     steps = c["steps"]
     args = TrainingArguments(
         output_dir="/tmp/lamda-ablation", per_device_train_batch_size=16, learning_rate=c["lr"], max_steps=steps,
