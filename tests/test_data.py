@@ -7,7 +7,8 @@ import json
 import pytest
 
 from lamda_peft.data import (
-    IGNORE_INDEX, CausalLMCollator, DataError, Table, bbc_news, encode_causal_lm, infer_spec, infer_task, read_table,
+    IGNORE_INDEX, CausalLMCollator, DataError, Table, bbc_news, dropped_rows_notice, encode_causal_lm, infer_spec,
+    infer_task, read_table,
 )
 
 
@@ -79,6 +80,28 @@ def test_causal_lm_labels_mask_prompt_and_padding():
     assert batch["attention_mask"][1].tolist() == [1, 1, 1, 1, 0, 0]
     with pytest.raises(DataError, match="max-length"):
         encode_causal_lm(table, Tok(), "prompt", "response", max_length=2)  # no room for any response token
+    # "ab\n" fills 3 tokens: that row is left out, counted and said (issue 27: 50 rows became 47 silently)
+    ds = encode_causal_lm(table, Tok(), "prompt", "response", max_length=3)
+    assert len(ds) == 1 and ds.dropped == 1 and ds[0]["input_ids"] == [120, 10, 121]
+    assert dropped_rows_notice(ds, "training", 3) == (
+        "note: 1 of 2 training rows left out: their prompt alone fills --max-length 3, leaving no response token to "
+        "learn or score; raise --max-length to keep them")
+    assert dropped_rows_notice(encode_causal_lm(table, Tok(), "prompt", "response", 16), "training", 16) is None
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("empty.csv", "", "is empty; give a file with a header row and data rows"),
+    ("blank.tsv", "\n \n", "is empty"),
+    ("header.csv", "text,label\n", "holds a header row but no data rows"),
+    ("header.tsv", "\ufeffsentence\tlabel\n\n", "holds a header row but no data rows"),
+    ("empty.jsonl", "", "is empty; give a file with data rows"),
+    ("empty.json", "\n", "is empty"),
+])
+def test_an_empty_or_header_only_file_is_named_as_such(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=message) as err:
+        read_table(tmp_path / name)
+    assert "cannot parse" not in str(err.value)  # the parser's message named no problem a user would recognise
 
 
 def test_bbc_news_split_is_fixed_and_stratified():

@@ -256,10 +256,12 @@ def _pick(table: Table, given: Optional[str], defaults: Sequence[str], option: s
 
 
 class EncodedDataset(torch.utils.data.Dataset):
-    """Already tokenized examples (dicts of lists of ints, plus ``labels``), padded later by a collator."""
+    """Already tokenized examples (dicts of lists of ints, plus ``labels``), padded later by a collator.
+    ``dropped``: the table's rows left out (causal-lm rows with no response token within ``max_length``)."""
 
-    def __init__(self, examples: list[dict[str, Any]]):
+    def __init__(self, examples: list[dict[str, Any]], dropped: int = 0):
         self.examples = examples
+        self.dropped = dropped
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -300,10 +302,11 @@ def prompt_text(tokenizer, prompt: str) -> str:
 def encode_causal_lm(
     table: Table, tokenizer, prompt_column: str, response_column: str, max_length: int,
 ) -> EncodedDataset:
-    """Prompt + response + EOS; ``labels`` are -100 on the prompt so the loss covers response tokens only.
+    """Prompt + response + EOS, truncated to ``max_length`` tokens; ``labels`` are -100 on the prompt so the loss
+    covers response tokens only.
 
-    Rows whose prompt leaves no room for a response token within ``max_length`` are dropped (their loss would be
-    empty); all rows dropped is an error.
+    Rows whose prompt leaves no room for a response token within ``max_length`` are left out (their loss would be
+    empty) and counted in the dataset's ``dropped`` (``dropped_rows_notice`` says so); all rows left out is an error.
     """
     examples = []
     for row in table.rows:
@@ -318,7 +321,16 @@ def encode_causal_lm(
         examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
     if not examples:
         raise DataError(f"every prompt in {table.source} is longer than --max-length {max_length}; raise it")
-    return EncodedDataset(examples)
+    return EncodedDataset(examples, dropped=len(table.rows) - len(examples))
+
+
+def dropped_rows_notice(dataset: Any, name: str, max_length: int) -> Optional[str]:
+    """One line saying how many of the table's rows ``dataset`` left out, and why; None when it kept them all."""
+    dropped = getattr(dataset, "dropped", 0)
+    if not dropped:
+        return None
+    return (f"note: {dropped} of {dropped + len(dataset)} {name} rows left out: their prompt alone fills --max-length "
+            f"{max_length}, leaving no response token to learn or score; raise --max-length to keep them")
 
 
 @dataclass

@@ -37,6 +37,9 @@ def read_table(path: str | Path, header: bool = True) -> Table:
             options |= {"sep": "\t", "quoting": csv.QUOTE_NONE}
         if not header:
             options["header"] = None
+    empty = _empty_file_message(path, header and builder == "csv")
+    if empty:
+        raise DataError(empty)
     try:
         dataset = _load(builder, data_files={"train": str(path.resolve())}, split="train", **options)
     except DataError:
@@ -49,6 +52,22 @@ def read_table(path: str | Path, header: bool = True) -> Table:
         table = Table([str(c) for c in table.columns],
                       [{str(k): v for k, v in row.items()} for row in table.rows], table.source)
     return table
+
+
+def _empty_file_message(path: Path, header: bool) -> Optional[str]:
+    """The message for a text file with no data rows (empty, blank, or a header row alone); None otherwise. Only the
+    first lines are read (the parsers' own messages for these cases name no problem a user would recognise)."""
+    if path.suffix.lower() == ".parquet":
+        return None
+    lines = 0
+    with path.open(encoding="utf-8-sig", errors="replace") as f:
+        for line in f:
+            lines += bool(line.strip())
+            if lines > int(header):
+                return None
+    if lines == 0:
+        return f"{path} is empty; give a file with {'a header row and ' if header else ''}data rows"
+    return f"{path} holds a header row but no data rows; give a file with data rows (or --no-header if it has none)"
 
 
 def load_hub_table(name: str, config: Optional[str], split: str) -> Table:

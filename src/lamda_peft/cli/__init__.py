@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .checkpoints import sigint_handled
+    from .interrupts import sigint_handled  # imports nothing heavy: the handler is in place before transformers is
 
     try:
         with sigint_handled():
@@ -52,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"lamda-peft: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C: one line, the shell's code for SIGINT (128 + 2)
-        print(f"\nlamda-peft: {err or 'interrupted'}", file=sys.stderr)
+        print(f"\nlamda-peft: {str(err) or 'interrupted'}", file=sys.stderr)
         return 130
 
 

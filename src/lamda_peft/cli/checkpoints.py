@@ -4,7 +4,8 @@ The run trains in a temporary folder beside the output folder. Every checkpoint 
 (``checkpoint-N``: adapter, optimizer, scheduler, RNG and trainer state) is, once complete, renamed into the output
 folder and the previous one removed, so the output folder only ever holds complete checkpoints. Ctrl-C (SIGINT)
 anywhere raises ``KeyboardInterrupt``, except inside the few renames that publish files (``sigint_deferred``); the
-temporary folder is removed and the command exits with code 130 and one line naming the last checkpoint.
+temporary folder is removed and the command exits with code 130 and one line naming the last checkpoint. The SIGINT
+handling itself is in ``interrupts`` (imported by ``main`` before anything heavy).
 """
 
 from __future__ import annotations
@@ -13,67 +14,17 @@ import json
 import os
 import re
 import shutil
-import signal
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from transformers import TrainerCallback
 
 from . import UsageError
+from .interrupts import check_interrupt, sigint_deferred, sigint_handled  # noqa: F401 (their home before)
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 RUN_CONFIG = "lamda_peft_run.json"  # in each checkpoint: the run's config, to refuse resuming a different run
-
-
-class _Sigint:
-    caught = False  # set by Ctrl-C; stays set even where Python swallowed the KeyboardInterrupt (see below)
-
-
-def _on_sigint(signum: int, frame: Any) -> None:
-    _Sigint.caught = True
-    raise KeyboardInterrupt
-
-
-@contextmanager
-def sigint_handled() -> Iterator[None]:
-    """Ctrl-C raises KeyboardInterrupt and is remembered: one raised inside a weakref callback or a ``__del__`` is
-    printed and dropped by Python, so ``check_interrupt`` raises it again at the next safe point."""
-    _Sigint.caught = False
-    with _sigint_handler(_on_sigint):
-        yield
-
-
-@contextmanager
-def _sigint_handler(handler: Any) -> Iterator[None]:
-    """SIGINT goes to ``handler`` inside the block. Outside the main thread (an embedding application) nothing is
-    installed: signals cannot be handled there, and the application's handler stays."""
-    try:
-        previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def check_interrupt() -> None:
-    if _Sigint.caught:
-        raise KeyboardInterrupt
-
-
-@contextmanager
-def sigint_deferred() -> Iterator[None]:
-    """Hold Ctrl-C until the block ends (renames that must not be cut in half), then raise it."""
-    caught: list[Any] = []
-    with _sigint_handler(lambda signum, frame: caught.append(signum)):
-        yield
-    if caught:
-        _Sigint.caught = True
-        raise KeyboardInterrupt
 
 
 def private_umask() -> int:
@@ -131,19 +82,26 @@ def resolve_resume(value: Optional[str], out: Path, config: dict) -> Optional[Pa
             raise UsageError(f"--resume-from-checkpoint {value}: not a checkpoint folder (no trainer_state.json); "
                              "give a checkpoint-N folder written with --save-steps")
     saved = checkpoint_config(path)
-    if saved is not None and saved != json.loads(json.dumps(config)):
-        changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != json.loads(json.dumps(config.get(k))))
+    changed = differing_options(saved, config) if saved is not None else []
+    if changed:
         raise UsageError(f"--resume-from-checkpoint {path} belongs to a different run (options that differ: "
                          f"{', '.join(changed)}); resume with the options it was trained with")
     return path
 
 
+def differing_options(saved: dict, config: dict) -> list[str]:
+    """The run-config keys whose values differ (``config`` as it would read back from JSON)."""
+    current = json.loads(json.dumps(config))
+    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+
+
 class PublishCheckpoints(TrainerCallback):
     """After the Trainer saved ``checkpoint-N`` (complete), move it into ``out`` and drop the older ones."""
 
-    def __init__(self, out: Path, config: dict[str, Any]) -> None:
+    def __init__(self, out: Path, config: dict[str, Any], keep: int = 1) -> None:
         self.out = out
         self.config = config
+        self.keep = keep  # how many of the newest checkpoints stay (--save-total-limit)
         self.last: Optional[Path] = None  # the checkpoint this run published last
         self.step = 0  # the last optimizer step completed
 
@@ -171,9 +129,9 @@ class PublishCheckpoints(TrainerCallback):
                 shutil.rmtree(target)
             os.replace(source, target)
             self.last = target
-            for old in checkpoints(self.out):
-                if old != target:
-                    shutil.rmtree(old, ignore_errors=True)
+            others = [p for p in checkpoints(self.out) if p != target]
+            for old in others[:len(others) - (self.keep - 1)]:  # the oldest; this one and keep - 1 others stay
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def publish(workdir: Path, out: Path, keep: Sequence[Path] = ()) -> None:
@@ -193,10 +151,15 @@ def publish(workdir: Path, out: Path, keep: Sequence[Path] = ()) -> None:
             os.replace(workdir, out)
 
 
-def interrupted_message(out: Path, step: Optional[int]) -> str:
+def interrupted_message(out: Path, step: Optional[int], save_steps: Optional[int] = None) -> str:
+    """What Ctrl-C kept, worded by what was passed: the last checkpoint, the step of the first one, or the option."""
     where = f" at step {step}" if step else ""
     found = checkpoints(out)
     if found:
         return (f"interrupted{where}; the last checkpoint is {found[-1]} (continue with the same command and "
                 "--resume-from-checkpoint)")
+    if save_steps:
+        upcoming = (step or 0) // save_steps * save_steps + save_steps
+        return (f"interrupted{where}, before the checkpoint of step {upcoming} (--save-steps {save_steps}); nothing "
+                "was written")
     return f"interrupted{where}; nothing was written (pass --save-steps N to keep checkpoints)"

@@ -20,7 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import metrics as M
-from ..data import BBC_NEWS, CausalLMCollator, DataError, DataSpec, Table, bbc_news, prompt_text, read_table
+from ..data import (
+    BBC_NEWS, CausalLMCollator, DataError, DataSpec, Table, bbc_news, dropped_rows_notice, prompt_text, read_table,
+)
 from . import UsageError
 from .validate import check_eval_options
 
@@ -42,10 +44,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-column", help="causal-lm prompt column (default: the run's)")
     p.add_argument("--response-column", help="causal-lm response column (default: the run's)")
     p.add_argument("--no-header", action="store_true", help="the csv/tsv file has no header row (columns 0, 1, ...)")
+    p.add_argument("--max-eval-samples", type=int, help="evaluate on the first N rows only (default: all; the run's "
+                                                        "own limit on its own validation data)")
     p.add_argument("--max-length", type=int, help="tokens per example (default: the run's)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (default 16)")
     p.add_argument("--num-generate", type=int, default=8, help="causal-lm: greedy answers for the first N rows")
     p.add_argument("--max-new-tokens", type=int, default=256, help="causal-lm: generation length limit")
+    p.add_argument("--load-in-4bit", action="store_true",
+                   help="load the base in 4-bit NF4 (bitsandbytes), as 'train --load-in-4bit' did (default: as the run "
+                        "was trained, from its metrics.json)")
     p.add_argument("--output", help="also write the metrics as JSON to this file (its folder is created)")
     p.set_defaults(func=run)
 
@@ -53,8 +60,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 # ------------------------------------------------------------------------------------------------------- helpers
 
 
-def load_base(path: str, task: str, num_labels: int = 2, dtype: torch.dtype = torch.float32, **load_kwargs):
+def load_base(path: str, task: str, num_labels: int = 2, dtype: torch.dtype = torch.float32,
+              head_from_adapter: bool = False, **load_kwargs):
     """The base model and tokenizer for ``task``; a pad token is set where the tokenizer has none.
+    ``head_from_adapter``: an adapter will replace the new classification head (no line about a random head).
     ``load_kwargs`` go to ``from_pretrained`` (e.g. ``quantization_config``)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -69,7 +78,7 @@ def load_base(path: str, task: str, num_labels: int = 2, dtype: torch.dtype = to
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=1 if task == "regression" else num_labels, problem_type=problem, dtype=dtype,
                 output_loading_info=True, **load_kwargs)
-        _explain_new_head(model, info)
+        _explain_new_head(model, info, head_from_adapter)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
@@ -86,12 +95,12 @@ def _quiet_load_report():
         hf_logging.set_verbosity(level)
 
 
-def _explain_new_head(model, info: dict) -> None:
+def _explain_new_head(model, info: dict, head_from_adapter: bool = False) -> None:
     """One line for the classification head that the checkpoint lacks (expected); other missing weights are listed."""
     missing = list(info.get("missing_keys") or [])
     head = [k for k in missing if k.split(".")[0] in ("classifier", "score", "pre_classifier")]
     other = [k for k in missing if k not in head]
-    if head:
+    if head and not head_from_adapter:
         print(f"new classification head ({', '.join(sorted(head))}): not in the pretrained checkpoint, initialised "
               "at random and trained with the adapter (expected)")
     if other:
@@ -136,12 +145,14 @@ def evaluate(model, tokenizer, spec: DataSpec, dataset, batch_size: int = 32) ->
             loss_sum, count = loss_sum + loss.item(), count + len(target)
             outputs.append(logits.argmax(-1).cpu().numpy()), labels.append(target.cpu().numpy())
     loss = loss_sum / max(count, 1)
+    rows = {"eval_rows": len(dataset), **({"eval_rows_left_out": dataset.dropped} if getattr(dataset, "dropped", 0)
+                                          else {})}
     if spec.task == "causal-lm":
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "response_tokens": count}
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "response_tokens": count, **rows}
     pred, true = np.concatenate(outputs), np.concatenate(labels)
     if spec.task == "regression":
-        return {"loss": loss, **M.regression_metrics(pred, true)}
-    return {"loss": loss, **M.classification_metrics(pred, true, len(spec.classes))}
+        return {"loss": loss, **M.regression_metrics(pred, true), **rows}
+    return {"loss": loss, **M.classification_metrics(pred, true, len(spec.classes)), **rows}
 
 
 @torch.no_grad()
@@ -188,26 +199,62 @@ def print_metrics(values: dict[str, Any], prefix: str = "") -> None:
 # ------------------------------------------------------------------------------------------------------- command
 
 
-def _load_model(adapter: Path, base: Optional[str], spec: DataSpec):
+def _load_model(adapter: Path, base: Optional[str], spec: DataSpec, four_bit: bool):
+    """The trained model: the base (``base``, else the one the adapter names; in 4-bit NF4 when ``four_bit``) with the
+    adapter, or a fully fine-tuned model folder."""
     from peft import PeftConfig, PeftModel
 
-    from ..models import ModelNotAvailable, resolve_model
+    from .model_path import resolve_model_path
+    from .quantized_base import load_4bit, require_bitsandbytes
 
     num_labels = len(spec.classes or []) or 2
+    is_adapter = (adapter / "adapter_config.json").is_file()
+    if not is_adapter and not (adapter / "config.json").is_file():
+        raise UsageError(f"--adapter {adapter}: no adapter_config.json or config.json there; "
+                         "give a folder written by 'lamda-peft train'")
+    if four_bit and not is_adapter:
+        raise UsageError(f"--load-in-4bit: {adapter} is a fully fine-tuned model (--method full), trained in full "
+                         "precision; evaluate it without --load-in-4bit")
+    if four_bit:
+        require_bitsandbytes()
     try:
-        if (adapter / "adapter_config.json").is_file():
-            if base is None:  # no --model and no run file: the base the adapter names
-                base = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
-            model, tokenizer = load_base(resolve_model(base), spec.task, num_labels)
-            model = PeftModel.from_pretrained(model, str(adapter))
-        elif (adapter / "config.json").is_file():  # a fully fine-tuned model (method "full")
-            model, tokenizer = load_base(str(adapter), spec.task, num_labels)
-        else:
-            raise UsageError(f"--adapter {adapter}: no adapter_config.json or config.json there; "
-                             "give a folder written by 'lamda-peft train'")
-    except (ModelNotAvailable, OSError, ValueError, KeyError, RuntimeError) as err:  # missing or mismatched weights
+        if not is_adapter:  # a fully fine-tuned model (method "full"): its head is in its own weights
+            return load_base(str(adapter), spec.task, num_labels)
+        if base is None:  # no --model and no run file: the base the adapter names
+            base = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+        load = load_4bit if four_bit else load_base
+        model, tokenizer = load(resolve_model_path(base), spec.task, num_labels, head_from_adapter=True)
+        model = PeftModel.from_pretrained(model, str(adapter))
+    except (OSError, ValueError, KeyError, RuntimeError) as err:  # missing or mismatched weights
         raise UsageError(f"cannot load the model for {adapter} (base {base!r}): {err}") from None
+    if spec.task != "causal-lm":
+        _explain_adapter_head(model)
     return model, tokenizer
+
+
+def _explain_adapter_head(model) -> None:
+    """Where the classification head comes from: the adapter (trained), or nowhere (the base's random one)."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    if any(isinstance(m, ModulesToSaveWrapper) for m in model.modules()):
+        print("classification head: from the adapter")
+    else:
+        print("warning: the adapter holds no classification head, so the head is the base's new random one and the "
+              "metrics are near chance; use an adapter trained with its head (PEFT task_type SEQ_CLS)", file=sys.stderr)
+
+
+def _saved_config(adapter: Path) -> dict:
+    """The run's config: from ``metrics.json`` of a finished run, or ``lamda_peft_run.json`` of a checkpoint."""
+    from .checkpoints import RUN_CONFIG
+
+    for name in (RUN_FILE, RUN_CONFIG):
+        if (adapter / name).is_file():
+            try:
+                return json.loads((adapter / name).read_text()).get("config") or {}
+            except (OSError, ValueError) as err:
+                raise UsageError(f"{adapter / name}: cannot read it ({err}); pass --task and the data options") \
+                    from None
+    return {}
 
 
 def _given(value: Any, saved: Any) -> Any:
@@ -222,33 +269,27 @@ def run(args: argparse.Namespace) -> int:
     adapter = Path(args.adapter)
     if not adapter.is_dir():
         raise UsageError(f"--adapter {adapter}: no such folder; give the --output-dir of a 'lamda-peft train' run")
-    saved = json.loads((adapter / RUN_FILE).read_text()).get("config", {}) if (adapter / RUN_FILE).is_file() else {}
+    saved = _saved_config(adapter)
     task = _given(args.task, saved.get("task"))
     if task is None:
-        raise UsageError(f"{adapter} has no {RUN_FILE} from 'lamda-peft train'; pass --task and --model")
+        raise UsageError(f"{adapter} has no {RUN_FILE} from 'lamda-peft train' to read the task from; pass --task "
+                         "(classification, regression or causal-lm); the base model is the one the adapter names")
     try:
         table = _validation_table(args, saved)
-        spec = DataSpec(
-            task=task,
-            text_columns=_given(args.text_column, saved.get("text_columns") or []),
-            label_column=_given(args.label_column, saved.get("label_column")),
-            prompt_column=_given(args.prompt_column, saved.get("prompt_column")),
-            response_column=_given(args.response_column, saved.get("response_column")),
-            classes=saved.get("classes"),
-            max_length=_given(args.max_length, saved.get("max_length") or 128),
-        )
-        if spec.task == "classification" and not spec.classes:
-            from ..data import label_names
-
-            spec.classes = label_names(table.column(spec.label_column))
-        spec.check(table)
+        spec = _data_spec(args, saved, task, table)
     except DataError as err:
         raise UsageError(str(err)) from None
-    model, tokenizer = _load_model(adapter, _given(args.model, saved.get("model")), spec)
+    four_bit = args.load_in_4bit or bool(saved.get("load_in_4bit"))  # the base the adapter was trained on
+    model, tokenizer = _load_model(adapter, _given(args.model, saved.get("model")), spec, four_bit)
     dataset = spec.encode(table, tokenizer)
-    print(f"evaluating {adapter} on {table.source} ({len(dataset)} rows, task {spec.task})")
-    result: dict[str, Any] = {"adapter": str(adapter), "validation": table.source, **evaluate(
-        model, tokenizer, spec, dataset, args.batch_size)}
+    notice = dropped_rows_notice(dataset, "validation", spec.max_length)
+    if notice:
+        print(notice)
+    print(f"evaluating {adapter} on {table.source} ({len(dataset)} rows, task {spec.task}"
+          f"{', base in 4-bit NF4' if four_bit else ''})")
+    result: dict[str, Any] = {"adapter": str(adapter), "validation": table.source,
+                              **({"load_in_4bit": True} if four_bit else {}),
+                              **evaluate(model, tokenizer, spec, dataset, args.batch_size)}
     if spec.task == "causal-lm" and args.num_generate > 0:
         result["generation"] = generation_report(model, tokenizer, spec, table, args.num_generate, args.max_new_tokens)
         for sample in result["generation"]["samples"][:2]:
@@ -263,7 +304,41 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_spec(args: argparse.Namespace, saved: dict, task: str, table: Table) -> DataSpec:
+    """What to read from ``table``: each option given, else the run's; with no run file, the columns ``train`` would
+    pick (``text``, ``label``, ``question``, ...) and the classes of ``table``."""
+    from ..data import TASKS, infer_spec, label_names
+
+    max_length = _given(args.max_length, saved.get("max_length") or 128)
+    if not saved:
+        return infer_spec(table, table, task, args.text_column, args.label_column, args.prompt_column,
+                          args.response_column, max_length)
+    if task not in TASKS:
+        raise DataError(f"unknown --task {task!r}; choose one of {', '.join(TASKS)}")
+    spec = DataSpec(
+        task=task,
+        text_columns=_given(args.text_column, saved.get("text_columns") or []),
+        label_column=_given(args.label_column, saved.get("label_column")),
+        prompt_column=_given(args.prompt_column, saved.get("prompt_column")),
+        response_column=_given(args.response_column, saved.get("response_column")),
+        classes=saved.get("classes"),
+        max_length=max_length,
+    )
+    if spec.task == "classification" and not spec.classes:
+        spec.classes = label_names(table.column(spec.label_column))
+    spec.check(table)
+    return spec
+
+
 def _validation_table(args: argparse.Namespace, saved: dict) -> Table:
+    """The rows to evaluate: --validation-file, else the run's validation data, the first --max-eval-samples of them
+    (else the run's limit on its own data)."""
+    table = _all_validation_rows(args, saved)
+    limit = _given(args.max_eval_samples, None if args.validation_file else saved.get("max_eval_samples"))
+    return table if limit is None else Table(table.columns, table.rows[:limit], table.source)
+
+
+def _all_validation_rows(args: argparse.Namespace, saved: dict) -> Table:
     if args.validation_file:
         return read_table(args.validation_file, header=not args.no_header)
     if saved.get("dataset") == BBC_NEWS:

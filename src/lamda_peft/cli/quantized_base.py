@@ -28,11 +28,15 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
     if args.method == "full":
         raise UsageError("--load-in-4bit cannot train --method full (a 4-bit weight has no gradient); "
                          "use an adapter method, e.g. --method lamda")
+    require_bitsandbytes()
+    return {"load_in_4bit": True}  # in the run's config: ``eval`` loads the base as it was trained
+
+
+def require_bitsandbytes() -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise UsageError("--load-in-4bit needs bitsandbytes: pip install 'lamda-peft[quant]'") from None
-    return {"load_in_4bit": True}
 
 
 def nf4_config(compute_dtype: torch.dtype | None = None):
@@ -51,6 +55,14 @@ def load_base(args: argparse.Namespace, path: str, task: str, num_labels: int, d
 
     if not getattr(args, "load_in_4bit", False):
         return load_full_precision(path, task, num_labels, dtype=dtype)
-    model, tokenizer = load_full_precision(path, task, num_labels, dtype=dtype, quantization_config=nf4_config())
+    return load_4bit(path, task, num_labels, dtype=dtype)
+
+
+def load_4bit(path: str, task: str, num_labels: int, dtype: torch.dtype = torch.float32, **kwargs: Any):
+    """``cli.eval.load_base`` with the linear layers in 4-bit NF4 (``kwargs`` go to it)."""
+    from .eval import load_base as load_full_precision
+
+    model, tokenizer = load_full_precision(path, task, num_labels, dtype=dtype, quantization_config=nf4_config(),
+                                           **kwargs)
     keep_training_layout(model)  # no CPU inference repack by bitsandbytes, even before the adapter is added
     return model, tokenizer

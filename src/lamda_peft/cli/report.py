@@ -1,13 +1,5 @@
-"""``lamda-peft report``: plan the memory of a fine-tuning run before starting it (no weights are loaded).
-
-    lamda-peft report llama-2-7b --r 64 --batch 8 --seq 1024 --dtype bf16
-
-MODEL_OR_CONFIG is a shipped config name (``llama-2-7b``, ``deberta-v3-base``, ``bart-large``), a ``config.json``,
-a local model folder or a Hub id; the architecture is built on the meta device. One row per method: trainable
-parameters at the start and the end of the run, parameter updates averaged over the run (LaMDA's B frozen column by
-column over the first ``--freeze-ratio`` of ``--steps``, method.md 3.2), gradient and AdamW state bytes, adapter
-activation bytes, the frozen model's own saved activations, the accounted total and its ratio to LoRA.
-"""
+"""``lamda-peft report``: plan the memory of a fine-tuning run before starting it, no weights loaded (``HELP``, the
+command's ``--help``, says what it prints)."""
 
 from __future__ import annotations
 
@@ -56,8 +48,12 @@ class Row:
 
 
 def load_config(name_or_path: str):
-    """A transformers config from a shipped name, a config.json, a model folder or a Hub id."""
+    """A transformers config from a shipped name, a config.json, a model alias (as ``train`` takes it), a model
+    folder or a Hub id."""
     from transformers import AutoConfig
+
+    from ..models import ALIASES
+    from .model_path import resolve_model_path
 
     if name_or_path in SHIPPED:
         with resources.as_file(resources.files("lamda_peft") / "configs" / f"{name_or_path}.json") as path:
@@ -65,12 +61,15 @@ def load_config(name_or_path: str):
     path = Path(name_or_path)
     if path.is_file() and path.suffix != ".json":
         raise UsageError(f"{name_or_path} is a file but not a config.json; pass a config.json or a model folder")
+    if name_or_path in ALIASES:  # the same resolver as train, eval and spectrum (one place for the aliases)
+        return AutoConfig.from_pretrained(resolve_model_path(name_or_path, option="MODEL_OR_CONFIG"))
     try:
         return AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         raise UsageError(
             f"cannot read a model config from {name_or_path!r} ({str(err).splitlines()[0]}); pass a shipped name "
-            f"({', '.join(SHIPPED)}), a config.json, a local model folder, or a Hub id reachable from this machine"
+            f"({', '.join(SHIPPED)}), an alias ({', '.join(ALIASES)}), a config.json, a local model folder, or a "
+            "Hub id reachable from this machine"
         ) from None
 
 
@@ -117,18 +116,32 @@ def _mb(value: Optional[int]) -> str:
     return "n/a" if value is None else f"{value / MB:,.1f}"
 
 
+HELP = """Plan the memory of a fine-tuning run before starting it (no weights are loaded).
+
+    lamda-peft report llama-2-7b --r 64 --batch 8 --seq 1024 --dtype bf16
+
+MODEL_OR_CONFIG is a shipped config name (llama-2-7b, deberta-v3-base, bart-large), a model alias (minilm,
+smollm2), a config.json, a local model folder or a Hub id; the architecture is built on the meta device. One row per
+method: trainable parameters at the start and the end of the run, parameter updates averaged over the run (LaMDA's
+B frozen column by column over the first --freeze-ratio of --steps), gradient and AdamW state bytes, adapter
+activation bytes, the frozen model's own saved activations, the accounted total and its ratio to LoRA."""
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("report", help="estimate the training memory of each method (no weights loaded)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL_OR_CONFIG", help=f"{', '.join(SHIPPED)}, a config.json, a folder or Hub id")
+                              description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL_OR_CONFIG",
+                   help=f"{', '.join(SHIPPED)}, minilm, smollm2, a config.json, a folder or a Hub id")
     p.add_argument("--r", type=int, default=64, help="adapter rank (default 64)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--targets", default="all-linear", help="'all-linear' or comma-separated module names")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="base weights' dtype (adapters are fp32)")
-    p.add_argument("--steps", type=int, default=1000, help="training steps, for the averaged updates")
-    p.add_argument("--freeze-ratio", type=float, default=0.3, help="LaMDA's B is frozen over this fraction")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where the run would train")
+    p.add_argument("--batch", type=int, default=8, help="examples per forward pass (default 8)")
+    p.add_argument("--seq", type=int, default=1024, help="tokens per example (default 1024)")
+    p.add_argument("--targets", default="all-linear", help="'all-linear' (default) or comma-separated module names")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                   help="base weights' dtype (default bf16; adapters are fp32)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps, for the averaged updates (default 1000)")
+    p.add_argument("--freeze-ratio", type=float, default=0.3,
+                   help="LaMDA's B is frozen over this fraction of the steps (default 0.3)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where the run would train (default cuda)")
     p.add_argument("--load-in-4bit", action="store_true",
                    help="the base's linear layers in 4-bit NF4, as `lamda-peft train --load-in-4bit` loads them "
                         "(--dtype is then the compute dtype)")

@@ -168,7 +168,7 @@ def print_report(rows: list[Row], rank: int) -> None:
 def load_model(name: str) -> nn.Module:
     from transformers import AutoModel
 
-    from .train import resolve_model_path  # shared with `train`: aliases, missing folders, unreachable Hub ids
+    from .model_path import resolve_model_path  # shared by every subcommand: aliases, missing folders, Hub ids
 
     path = resolve_model_path(name)
     try:

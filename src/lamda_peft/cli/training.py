@@ -18,15 +18,15 @@ import torch
 
 from ..optim import trainer_optimizers
 from ..tuners.quantized import quantization_state_bytes
-from transformers.trainer_callback import ProgressCallback
-
 from . import UsageError
+from .trainer import CliTrainer, NothingLeftToTrain, NumericProgress, SkipFinalEvaluation  # noqa: F401 (API)
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt")
 REPORTERS = ("none", "tensorboard", "wandb")
 DEFAULTS = {"gradient_accumulation_steps": 1, "weight_decay": 0.0, "warmup_ratio": 0.06, "lr_scheduler": "linear",
-            "bf16": False, "fp16": False, "save_steps": None, "report_to": ["none"], "logging_steps": None}
+            "bf16": False, "fp16": False, "save_steps": None, "report_to": ["none"], "logging_steps": None,
+            "warmup_steps": None, "max_grad_norm": 1.0}
 
 
 def option(args: Any, name: str) -> Any:
@@ -45,6 +45,14 @@ def total_steps(train_rows: int, args: Any) -> int:
     batches = math.ceil(train_rows / args.batch_size)
     per_epoch = max(1, math.ceil(batches / option(args, "gradient_accumulation_steps")))
     return max(1, math.ceil(per_epoch * epochs(args)))
+
+
+def warmup_steps(args: Any, total: int) -> int:
+    """--warmup-steps, or --warmup-ratio of the run's steps (rounded down)."""
+    if option(args, "warmup_steps") is not None:
+        return option(args, "warmup_steps")
+    ratio = option(args, "warmup_ratio")
+    return int((DEFAULTS["warmup_ratio"] if ratio is None else ratio) * total)
 
 
 def eval_every(args: Any, total: int) -> int:
@@ -94,9 +102,12 @@ def train_model(model, tokenizer, spec, train_ds, eval_ds, args: argparse.Namesp
                 callbacks: Sequence = (), resume: Optional[Path] = None, logging_dir: Optional[Path] = None):
     """Run the Trainer; returns it (its ``state.log_history`` holds the losses and, for LaMDA, the frozen columns).
 
-    Checkpoints (--save-steps) are written under ``workdir``; ``callbacks`` may move them elsewhere on save.
+    ``eval_ds`` is evaluated every ``eval_every`` steps but not at the last one: the caller evaluates the trained model
+    (``evaluate``, every task metric) and may add it with ``log_final_evaluation``. Checkpoints (--save-steps) are
+    written under ``workdir``; ``callbacks`` may move them elsewhere on save. A ``resume`` from a checkpoint at the
+    run's last step trains nothing (and says so).
     """
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
     from .eval import collator_for
 
@@ -108,8 +119,9 @@ def train_model(model, tokenizer, spec, train_ds, eval_ds, args: argparse.Namesp
         per_device_eval_batch_size=args.batch_size, learning_rate=args.lr,
         gradient_accumulation_steps=option(args, "gradient_accumulation_steps"),
         num_train_epochs=epochs(args), max_steps=-1 if args.max_steps is None else args.max_steps,
-        warmup_steps=int(option(args, "warmup_ratio") * total), lr_scheduler_type=option(args, "lr_scheduler"),
-        weight_decay=option(args, "weight_decay"), bf16=option(args, "bf16"), fp16=option(args, "fp16"),
+        warmup_steps=warmup_steps(args, total), lr_scheduler_type=option(args, "lr_scheduler"),
+        max_grad_norm=option(args, "max_grad_norm"), weight_decay=option(args, "weight_decay"),
+        bf16=option(args, "bf16"), fp16=option(args, "fp16"),
         logging_steps=logging_steps if logging_steps is not None else max(1, total // 50),
         eval_strategy="steps" if eval_ds is not None else "no", eval_steps=eval_every(args, total),
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,  # None or 0: no checkpoints
@@ -117,34 +129,28 @@ def train_model(model, tokenizer, spec, train_ds, eval_ds, args: argparse.Namesp
         report_to=report_to, seed=args.seed, data_seed=args.seed, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, disable_tqdm=False,
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      data_collator=collator_for(spec, tokenizer),
-                      callbacks=[*lamda_callbacks(args.method), *extra, *callbacks],
-                      optimizers=trainer_optimizers(model, args))
-    if not training_args.disable_tqdm:
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(NumericProgress)
+    trainer = CliTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         data_collator=collator_for(spec, tokenizer), task=spec.task,
+                         callbacks=[*lamda_callbacks(args.method), *extra, *callbacks, SkipFinalEvaluation()],
+                         optimizers=trainer_optimizers(model, args))
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    except KeyboardInterrupt:
-        for callback in trainer.callback_handler.callbacks:  # close the bars now, so Ctrl-C's line is the last one
-            for bar in (getattr(callback, "training_bar", None), getattr(callback, "prediction_bar", None)):
-                if bar is not None:
-                    bar.close()
-        raise
+    except NothingLeftToTrain:
+        print(f"{resume} is at step {trainer.state.global_step} of {trainer.state.max_steps}: nothing left to train; "
+              "evaluating it")
+    finally:
+        if trainer.progress() is not None:  # closed now (Ctrl-C, early stop), so the command's last line is its own
+            trainer.progress().close()
     return trainer
 
 
-class NumericProgress(ProgressCallback):
-    """The Trainer's progress bar, with its log lines as numbers (``step 20: loss=0.6931 learning_rate=0.001``)
-    rather than a dict of strings."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs: Any):
-        if not state.is_world_process_zero or self.training_bar is None or not logs:
-            return
-        shown = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and k != "total_flos"}
-        self.training_bar.write(f"step {state.global_step}: " + "  ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+def log_final_evaluation(trainer, result: dict[str, Any]) -> None:
+    """Record the caller's final evaluation in the log history (for the plot and metrics.json) where the Trainer's own
+    would have been: ``eval_loss`` and the other numbers, at the last step."""
+    figures = {k if k.startswith("eval_") else f"eval_{k}": v for k, v in result.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    entry = {**figures, "epoch": trainer.state.epoch, "step": trainer.state.global_step}
+    trainer.state.log_history.append({k: v for k, v in entry.items() if v is not None})
 
 
 def trainable(model: torch.nn.Module) -> int:

@@ -39,6 +39,7 @@ SHARED_OPTIONS: dict[str, tuple[Rule, str]] = {
     "max_length": (COUNT, "tokens per example, e.g. --max-length 128"),
     "num_generate": (COUNT_OR_ZERO, "the number of validation rows to answer (0: none)"),
     "max_new_tokens": (COUNT, "the longest answer in tokens, e.g. --max-new-tokens 256 (the default)"),
+    "max_eval_samples": (COUNT, "the number of validation rows to use; leave it out for all"),
 }
 TRAIN_OPTIONS: dict[str, tuple[Rule, str]] = {
     **SHARED_OPTIONS,
@@ -61,6 +62,11 @@ TRAIN_OPTIONS: dict[str, tuple[Rule, str]] = {
     "logging_steps": (COUNT, "optimizer steps between log lines; leave it out for 50 per run"),
     "eval_steps": (COUNT_OR_ZERO, "0 evaluates only at the end; leave it out for 4 evaluations per run"),
     "seed": (SEED, "e.g. --seed 0 (the default)"),
+    "max_train_samples": (COUNT, "the number of training rows to use; leave it out for all"),
+    "lora_dropout": (FRACTION_BELOW_ONE, "the fraction of x A^T's entries dropped in training (0: none, the default)"),
+    "warmup_steps": (COUNT_OR_ZERO, "optimizer steps of warmup (0: none); or --warmup-ratio"),
+    "max_grad_norm": (NON_NEGATIVE, "the largest gradient norm before a step (0: no clipping); leave it out for 1"),
+    "save_total_limit": (COUNT, "how many checkpoints to keep, e.g. --save-total-limit 2; leave it out for 1"),
 }
 
 
