@@ -74,9 +74,10 @@ def test_classification_train_then_eval(sst2, minilm_path, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_activation_init_from_the_command_line(sst2, minilm_path, tmp_path, capsys):
-    """``--init activations`` calibrates on training batches before training: recorded in the run and the adapter's
-    config, A is not the spectral A, and eval reloads the adapter to the same metrics."""
+@pytest.mark.parametrize("init", ["activations", "gradient"])
+def test_data_driven_init_from_the_command_line(init, sst2, minilm_path, tmp_path, capsys):
+    """``--init activations`` / ``gradient`` calibrate on training batches before training: recorded in the run and
+    the adapter's config, A is not the spectral A, and eval reloads the adapter to the same metrics."""
     from peft import get_peft_model
     from safetensors.torch import load_file
 
@@ -86,12 +87,13 @@ def test_activation_init_from_the_command_line(sst2, minilm_path, tmp_path, caps
     out = tmp_path / "run"
     train, dev = sst2
     assert main(["train", "--train-file", str(train), "--validation-file", str(dev), "--model", minilm_path,
-                 "--method", "lamda", "--init", "activations", "--target-modules", "query", "value",
+                 "--method", "lamda", "--init", init, "--target-modules", "query", "value",
                  "--output-dir", str(out), *FAST]) == 0
-    assert "activation init: A from the inputs of 8 training batches" in capsys.readouterr().out
+    source = "the inputs" if init == "activations" else "the loss gradient"
+    assert f"{init} init: A and B0 from {source} of 8 training batches" in capsys.readouterr().out
     run = read_run(out)
-    assert run["config"]["init"] == "activations"
-    assert json.loads((out / "adapter_config.json").read_text())["init"] == "activations"
+    assert run["config"]["init"] == init
+    assert json.loads((out / "adapter_config.json").read_text())["init"] == init
     saved = {k: v for k, v in load_file(out / "adapter_model.safetensors").items() if k.endswith("lamda_A")}
     base, _ = load_base(minilm_path, "classification", 2)
     spectral = get_peft_model(base, LamdaConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))

@@ -123,18 +123,21 @@ def check_rank(model: torch.nn.Module, peft_cfg: Any, r: int) -> None:
                          f"pass --r {min(limits.values())} or smaller, or --target-modules without them")
 
 
-def calibrate_on_activations(model: torch.nn.Module, spec: DataSpec, tokenizer: Any, train_ds: Any,
-                             args: argparse.Namespace, num_batches: int = 8) -> None:
-    """``--init activations``: A from each layer's inputs over the first ``num_batches`` shuffled training batches
-    (seeded with --seed), collated as the Trainer will collate them."""
-    from .. import initialize_from_activations
+def calibrate_on_data(model: torch.nn.Module, spec: DataSpec, tokenizer: Any, train_ds: Any,
+                      args: argparse.Namespace, num_batches: int = 8) -> None:
+    """``--init activations`` or ``gradient``: the data-driven init (``lamda_peft.initialize``) over the first
+    ``num_batches`` shuffled training batches (seeded with --seed), collated as the Trainer will collate them (with
+    their labels: the gradient init takes the training loss's gradient)."""
+    from .. import initialize
     from .eval import collator_for
 
     loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=True,
                                          collate_fn=collator_for(spec, tokenizer),
                                          generator=torch.Generator().manual_seed(args.seed))
-    initialize_from_activations(model, loader, num_batches=min(num_batches, len(loader)))
-    print(f"activation init: A from the inputs of {min(num_batches, len(loader))} training batches")
+    batches = min(num_batches, len(loader))
+    initialize(model, loader, num_batches=batches, seed=args.seed)
+    source = "the inputs" if args.init == "activations" else "the loss gradient"
+    print(f"{args.init} init: A and B0 from {source} of {batches} training batches")
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -219,8 +222,8 @@ def run(args: argparse.Namespace) -> int:
                    dropped_rows_notice(val_ds, "validation", spec.max_length)):
         if notice:
             print(notice)
-    if args.init == "activations":  # before training (a resumed run then loads its checkpoint's factors over these)
-        calibrate_on_activations(model, spec, tokenizer, train_ds, args)
+    if args.init in ("activations", "gradient"):  # before training (a resumed run loads its checkpoint's over these)
+        calibrate_on_data(model, spec, tokenizer, train_ds, args)
     params_start = trainable(model)
     total_params = sum(p.numel() for p in model.parameters())
     print(f"{args.method} on {args.model}: {spec.task}, {len(train_ds)} training / {len(val_ds)} validation rows; "

@@ -48,9 +48,10 @@ def add_parser(subparsers: argparse._SubParsersAction, run) -> argparse.Argument
     m.add_argument("--lora-dropout", type=float, help="dropout on the adapter's r-dimensional x A^T, in [0, 1) "
                                                       "(default 0; not for full)")
     m.add_argument("--freeze-ratio", type=float, help="LaMDA: fraction of steps over which B freezes (default 0.3)")
-    m.add_argument("--init", choices=("spectral", "activations"),
-                   help="LaMDA: A from the weight's top-r SVD (spectral, the paper's; default) or from the top-r "
-                        "principal directions of each layer's inputs over 8 training batches (activations)")
+    m.add_argument("--init", choices=("spectral", "activations", "gradient"),
+                   help="LaMDA: A and B0 from the weight's top-r SVD (spectral, the paper's; default), A from the "
+                        "top-r principal directions of each layer's inputs (activations), or A and B0 from the top-r "
+                        "singular subspaces of the training loss's gradient (gradient); both over 8 training batches")
     quantized_base.add_argument(m)
     t = p.add_argument_group("training")
     t.add_argument("--lr", type=float, help="learning rate (default 1e-3 for adapters, 5e-5 for full)")
