@@ -29,6 +29,15 @@ def _model(make=make_tiny_llama, init="activations", **kw):
     return get_peft_model(make(), LamdaConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", init=init, **kw))
 
 
+def train_steps(model, optimizer, batches) -> None:
+    """One optimizer step per batch, in train mode."""
+    model.train()
+    for batch in batches:
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def _layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, LamdaLayer)}
 
@@ -122,11 +131,7 @@ def test_trains_with_freezing_and_reloads_exactly(tmp_path):
     initialize_from_activations(model, _batches(), num_batches=3, show_progress_bar=False)
     optimizer = torch.optim.AdamW(lamda_param_groups(model, 1e-2), lr=1e-2)
     freezer = attach_freezing(model, optimizer, total_steps=4)
-    model.train()
-    for b in _batches(4, seed=9):
-        model(**b).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_steps(model, optimizer, _batches(4, seed=9))
     freezer.detach()
     model.eval()
     batch = _batches(1, seed=11)[0]
@@ -157,12 +162,7 @@ def test_a_second_call_after_training_or_on_a_loaded_adapter_is_refused(tmp_path
     """It would reset A, B, S to a fresh init, silently throwing the training away (logits back to the base)."""
     model = _model()
     initialize_from_activations(model, _batches(), num_batches=3, show_progress_bar=False)
-    optimizer = torch.optim.AdamW(lamda_param_groups(model, 1e-2), lr=1e-2)
-    model.train()
-    for b in _batches(3, seed=9):
-        model(**b).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_steps(model, torch.optim.AdamW(lamda_param_groups(model, 1e-2), lr=1e-2), _batches(3, seed=9))
     model.eval()
     batch = _batches(1, seed=11)[0]
     with torch.no_grad():

@@ -3,7 +3,6 @@ gradient with respect to the base weight; step 0 exact; trains, reloads, exports
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -14,23 +13,14 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 from lamda_peft import LamdaConfig, LamdaLayer, attach_freezing, export_lora, initialize, lamda_param_groups
 
 from conftest import make_tiny_llama, run_two_ranks
-from test_activations import ALPHA, R, _batches, _layers, _model
+from test_activations import ALPHA, R, _batches, _layers, _model, train_steps
+from test_gradient_sketch import _float64_gradients as float64_gradients
+from test_gradient_sketch import _largest_angle_degrees as largest_angle_degrees
 
 
 def _float64_gradients(batches) -> dict[str, torch.Tensor]:
-    model = make_tiny_llama().double().eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
     names = [n.removeprefix("base_model.model.") for n in _layers(_model(init="gradient"))]
-    weights = {n: model.get_submodule(n).weight.requires_grad_(True) for n in names}
-    for batch in batches:
-        model(**batch).loss.backward()
-    return {n: w.grad for n, w in weights.items()}
-
-
-def _angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
-    qa, qb = torch.linalg.qr(a.double()).Q, torch.linalg.qr(b.double()).Q
-    return math.degrees(float(torch.arccos(torch.linalg.svdvals(qa.T @ qb).clamp(max=1.0).min())))
+    return float64_gradients(make_tiny_llama, batches, names)
 
 
 def test_factors_span_the_gradient_subspaces_and_step_0_is_exact():
@@ -46,8 +36,8 @@ def test_factors_span_the_gradient_subspaces_and_step_0_is_exact():
     for name, layer in _layers(model).items():
         U, S, Vh = torch.linalg.svd(gradients[name.removeprefix("base_model.model.")])
         A, B0S0 = layer.lamda_A["default"], layer.lamda_B0S0["default"]
-        assert _angle_degrees(A.T, Vh[:R].T) < 0.05, name
-        assert _angle_degrees(B0S0, U[:, :R]) < 0.05, name
+        assert largest_angle_degrees(A.T, Vh[:R].T) < 0.05, name
+        assert largest_angle_degrees(B0S0, U[:, :R]) < 0.05, name
         # A's rows and B0's columns are orthogonal with one common length (module docstring)
         gram = A.double() @ A.double().T
         torch.testing.assert_close(gram, gram[0, 0] * torch.eye(R, dtype=torch.float64), rtol=1e-4, atol=1e-6)
@@ -59,11 +49,7 @@ def test_trains_with_freezing_reloads_exports_and_merges_exactly(tmp_path):
     initialize(model, _batches(2), num_batches=2, show_progress_bar=False)
     optimizer = torch.optim.AdamW(lamda_param_groups(model, 1e-2, weight_decay=0.01))
     freezer = attach_freezing(model, optimizer, total_steps=4)
-    model.train()
-    for batch in _batches(4, seed=9):
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_steps(model, optimizer, _batches(4, seed=9))
     freezer.detach()
     probe = _batches(1, seed=11)[0]["input_ids"]
     with torch.no_grad():
@@ -128,7 +114,7 @@ def test_head_warm_up_trains_the_head_alone_and_changes_the_subspace():
     assert head_before and all(not torch.equal(p, head_before[n]) for n, p in warm.named_parameters() if n in head_before)
     assert all(torch.equal(p, body_before[n]) for n, p in warm.named_parameters() if n in body_before)
     assert all(p.requires_grad for n, p in warm.named_parameters() if "lamda_S" in n or "lamda_B" in n)
-    angles = [_angle_degrees(a.lamda_A["default"].T, b.lamda_A["default"].T)
+    angles = [largest_angle_degrees(a.lamda_A["default"].T, b.lamda_A["default"].T)
               for a, b in zip(_layers(cold).values(), _layers(warm).values())]
     assert max(angles) > 1.0
 
