@@ -125,3 +125,17 @@ def test_data_parallel_ranks_get_the_same_factors_as_one_process_on_all_batches(
                            timeout=240)
     assert result["layers"] == 14 and result["ranks_equal"]
     assert result["max_diff_to_single_process"] < 1e-4
+
+
+def test_gradient_checkpointing_and_train_mode_give_the_same_factors():
+    """A model prepared for training (gradient checkpointing on, train mode) calibrates as one without: the
+    calibration runs in eval mode (no dropout, so the same gradient on every pass) and gives back the modes."""
+    plain, prepared = _model(init="gradient"), _model(init="gradient")
+    prepared.base_model.model.gradient_checkpointing_enable()
+    prepared.train()
+    initialize(plain, _batches(2), num_batches=2, show_progress_bar=False)
+    initialize(prepared, _batches(2), num_batches=2, show_progress_bar=False)
+    assert prepared.training and prepared.base_model.model.is_gradient_checkpointing
+    for a, b in zip(_layers(plain).values(), _layers(prepared).values()):
+        assert torch.equal(a.lamda_A["default"], b.lamda_A["default"])
+        assert torch.equal(a.lamda_B0S0["default"], b.lamda_B0S0["default"])
