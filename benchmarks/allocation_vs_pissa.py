@@ -43,7 +43,7 @@ from transformers import AutoModelForCausalLM
 import lamda_peft
 from lamda_peft import LamdaConfig, LamdaLayer
 from lamda_peft.allocation import lamda_parameter_counts
-from lamda_peft.models import smollm2_path
+from lamda_peft.apps.models import smollm2_path
 from lamda_peft.tuners.delta import weight_as_out_in
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"

@@ -34,11 +34,13 @@ import numpy as np
 import torch
 
 import lamda_peft  # noqa: F401  (registers the methods with PEFT)
+from lamda_peft.apps.data import infer_spec
+from lamda_peft.apps.data_loading import read_table
+from lamda_peft.apps.models import minilm_path
+from lamda_peft.apps.tables import Table
 from lamda_peft.cli.eval import evaluate, load_base
 from lamda_peft.cli.train import peft_config, train_model, trainable, versions
-from lamda_peft.data import Table, infer_spec, read_table
 from lamda_peft.heads import apply_regression_bias
-from lamda_peft.models import minilm_path
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE = ROOT.parent / "shared" / "data" / "glue"

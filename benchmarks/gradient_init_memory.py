@@ -94,7 +94,7 @@ def run(variant: str, out: Path, sketch_factors: Path | None) -> None:
 
     import lamda_peft
     from lamda_peft import LamdaConfig, LamdaLayer
-    from lamda_peft.models import smollm2_path
+    from lamda_peft.apps.models import smollm2_path
 
     torch.manual_seed(0)
     path = smollm2_path()

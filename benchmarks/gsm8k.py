@@ -27,11 +27,13 @@ from types import SimpleNamespace
 import torch
 
 import lamda_peft  # noqa: F401  (registers the methods with PEFT)
+from lamda_peft.apps.data import infer_spec
+from lamda_peft.apps.data_loading import read_table
+from lamda_peft.apps.models import smollm2_path
+from lamda_peft.apps.tables import Table
 from lamda_peft.cli.checkpoints import checkpoints
 from lamda_peft.cli.eval import evaluate, generation_report, load_base
 from lamda_peft.cli.train import peft_config, train_model, trainable, versions
-from lamda_peft.data import Table, infer_spec, read_table
-from lamda_peft.models import smollm2_path
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"

@@ -68,7 +68,7 @@ def _time_case(case: str, variant: str, queue) -> None:
     import lamda_peft  # noqa: F401
     from lamda_peft import LamdaConfig
     from lamda_peft import spectral
-    from lamda_peft.models import minilm_path, smollm2_path
+    from lamda_peft.apps.models import minilm_path, smollm2_path
 
     if variant == "before":
         for module, name, value in _previous_solver():

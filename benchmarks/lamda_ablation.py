@@ -43,11 +43,9 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -56,30 +54,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import lamda_peft  # noqa: E402,F401
+from ablation_common import DEFAULTS, R, RESULTS, calibration_batches, cell, key, lamda_config  # noqa: E402
 from glue import TASKS, split, training_losses  # noqa: E402
-from lamda_peft.cli.eval import collator_for, evaluate, load_base  # noqa: E402
-from lamda_peft.data import infer_spec  # noqa: E402
-from lamda_peft.models import minilm_path  # noqa: E402
-from lamda_peft.optim import describe_groups, lamda_param_groups  # noqa: E402
 from lamda_peft import initialize_from_activations  # noqa: E402
+from lamda_peft.apps.data import infer_spec  # noqa: E402
+from lamda_peft.apps.models import minilm_path  # noqa: E402
+from lamda_peft.cli.eval import collator_for, evaluate, load_base  # noqa: E402
+from lamda_peft.optim import describe_groups, lamda_param_groups  # noqa: E402
 
-RESULTS = ROOT / "docs" / "results"
 LOG = RESULTS / "lamda_ablation_runs.jsonl"
-R = 8  # the rank of every run unless a cell sets r
-DEFAULTS = dict(method="lamda", steps=100, seed=0, lr=1e-3, lr_S=None, lr_B=None, lr_head=None, freeze_ratio=0.3,
-                warmup=0.06, alpha="16", init="spectral", subspace="top", r=R, freeze_order="largest_first",
-                train_size=2000, weight_decay=0.0, decay_anchor=True, calibration=128, head_warmup=0)
-
-
-def cell(**kw: Any) -> dict:
-    unknown = set(kw) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown knobs {unknown}")
-    return {**DEFAULTS, **kw}
-
-
-def key(c: dict) -> str:
-    return json.dumps({k: c[k] for k in DEFAULTS}, sort_keys=True)
 
 
 def _grid(steps: tuple[int, ...], seeds: tuple[int, ...], variants: list[dict]) -> list[dict]:
@@ -202,24 +185,6 @@ PLANS: dict[str, list[dict]] = {
 # ------------------------------------------------------------------------------------------------ one run
 
 
-def _lamda_config(c: dict, task_type):
-    from peft import LoraConfig
-
-    from lamda_peft import LamdaConfig, LoraFAConfig
-
-    alpha = float(c["alpha"][2:]) * math.sqrt(c["r"]) if c["alpha"].startswith("rs") else float(c["alpha"])
-    common = dict(r=c["r"], lora_alpha=alpha, target_modules="all-linear", lora_dropout=0.0, task_type=task_type)
-    if c["method"] == "lora":
-        return LoraConfig(**common)
-    if c["method"] == "pissa":
-        return LoraConfig(**common, init_lora_weights="pissa")
-    if c["method"] == "lora-fa":
-        return LoraFAConfig(**common)
-    extra = {"rank_allocation": "energy"} if c["method"] == "lamda++" else {}
-    freeze_ratio = 1.0 if c["freeze_ratio"] is None else c["freeze_ratio"]  # None: no LamdaCallback (see one_run)
-    return LamdaConfig(**common, init=c["init"], freeze_ratio=freeze_ratio, freeze_order=c["freeze_order"], **extra)
-
-
 @torch.no_grad()
 def _use_minor_subspace(model) -> None:
     """Re-initialize every LaMDA layer on the r *smallest* singular directions (delta form: still exact at step 0)."""
@@ -239,11 +204,6 @@ def _use_minor_subspace(model) -> None:
             layer.lamda_B0S0[adapter].copy_(layer.lamda_B[adapter])
 
 
-def _calibration_batches(dataset, collate, seed: int, num_batches: int = 8, size: int = 16) -> list[dict]:
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[: num_batches * size].tolist()
-    return [collate([dataset[i] for i in order[j:j + size]]) for j in range(0, len(order), size)]
-
-
 def one_run(c: dict, data) -> dict:
     from peft import TaskType, get_peft_model
     from transformers import Trainer, TrainingArguments
@@ -254,12 +214,12 @@ def one_run(c: dict, data) -> dict:
     spec = infer_spec(train, dev, **TASKS["SST-2"][1], max_length=64)
     torch.manual_seed(c["seed"])
     model, tokenizer = load_base(minilm_path(), spec.task, 2)
-    model = get_peft_model(model, _lamda_config(c, TaskType.SEQ_CLS))
+    model = get_peft_model(model, lamda_config(c, TaskType.SEQ_CLS))
     if c["subspace"] == "minor":
         _use_minor_subspace(model)
     if c["init"] in ("activations", "gradient"):  # seeded batches of 16 training sentences (with their labels)
-        batches = _calibration_batches(spec.encode(train, tokenizer), collator_for(spec, tokenizer), c["seed"],
-                                       num_batches=max(1, c["calibration"] // 16))
+        batches = calibration_batches(spec.encode(train, tokenizer), collator_for(spec, tokenizer), c["seed"],
+                                      num_batches=max(1, c["calibration"] // 16))
         if c["init"] == "activations":
             initialize_from_activations(model, batches, num_batches=len(batches))
         else:

@@ -10,11 +10,11 @@ import json
 import numpy as np
 import torch
 
+from ablation_common import R, RESULTS, calibration_batches, cell, lamda_config
 from glue import TASKS, split
-from lamda_ablation import R, RESULTS, _calibration_batches, _lamda_config, cell
+from lamda_peft.apps.data import infer_spec
+from lamda_peft.apps.models import minilm_path
 from lamda_peft.cli.eval import collator_for, load_base
-from lamda_peft.data import infer_spec
-from lamda_peft.models import minilm_path
 
 
 # ------------------------------------------------------------------------------------------------ step sizes
@@ -50,7 +50,7 @@ def step_sizes(lr: float = 1e-3, r: int = R) -> dict:
     for method in ("lora", "lora-fa", "lamda"):
         torch.manual_seed(0)
         model, tokenizer = load_base(minilm_path(), spec.task, 2)
-        model = get_peft_model(model, _lamda_config(cell(method=method, r=r, alpha=str(2 * r)), TaskType.SEQ_CLS)).eval()
+        model = get_peft_model(model, lamda_config(cell(method=method, r=r, alpha=str(2 * r)), TaskType.SEQ_CLS)).eval()
         batch = collator_for(spec, tokenizer)([spec.encode(train, tokenizer)[i] for i in range(32)])
         pooled = lambda: model.base_model.model.bert(**{k: v for k, v in batch.items() if k != "labels"}).pooler_output
         model(**batch).loss.backward()
@@ -102,8 +102,8 @@ def subspace_energy(r: int = R) -> dict:
                                               task_type=TaskType.SEQ_CLS))
     encoded, collate = spec.encode(train, tokenizer), collator_for(spec, tokenizer)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LamdaLayer)}
-    calibration, _ = input_second_moments(model, layers, _calibration_batches(encoded, collate, 0), num_batches=8)
-    held_out, _ = input_second_moments(model, layers, _calibration_batches(encoded, collate, 99), num_batches=8)
+    calibration, _ = input_second_moments(model, layers, calibration_batches(encoded, collate, 0), num_batches=8)
+    held_out, _ = input_second_moments(model, layers, calibration_batches(encoded, collate, 99), num_batches=8)
     by_kind: dict[str, list[tuple[float, float, float]]] = {}
     for name, layer in layers.items():
         spectral = torch.linalg.qr(layer.lamda_A["default"].double().T).Q  # (d_in, r) orthonormal basis of span(A)

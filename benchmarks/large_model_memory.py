@@ -97,7 +97,7 @@ def worker(path: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from lamda_peft import attach_freezing
-    from lamda_peft.models import smollm2_path
+    from lamda_peft.apps.models import smollm2_path
 
     checkpoint, zero, rank = smollm2_path(), None, 0
     cuda = torch.cuda.is_available()

@@ -25,9 +25,9 @@ from peft import LoraConfig, get_peft_model
 
 import lamda_peft
 from lamda_peft import LamdaConfig, LoraFAConfig
+from lamda_peft.apps.models import minilm_path, smollm2_path
 from lamda_peft.memory import MB, measure_training_step
 from lamda_peft.memory_options import chunked_causal_lm_loss, enable_layer_checkpointing
-from lamda_peft.models import minilm_path, smollm2_path
 
 CONFIGS = {  # name: (model, dtype, batch, seq, r, timed-rounds factor)
     "smol-fp32-256": ("smollm2", torch.float32, 4, 256, 16, 1.0),

@@ -28,10 +28,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from lamda_peft import LamdaConfig, LoraFAConfig
+from lamda_peft.apps.models import smollm2_path
 from lamda_peft.callbacks import restore_float32_factors
 from lamda_peft.cli.quantized_base import nf4_config
 from lamda_peft.memory import MB, measure_training_step
-from lamda_peft.models import smollm2_path
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
 COMMON = dict(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")

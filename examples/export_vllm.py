@@ -9,7 +9,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from lamda_peft import LamdaConfig, export_lora
-from lamda_peft.models import smollm2_path
+from lamda_peft.apps.models import smollm2_path
 from lamda_peft.serving import smallest_max_lora_rank, vllm_problems
 
 path = smollm2_path()

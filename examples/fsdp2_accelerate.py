@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lamda_peft import LamdaConfig, attach_freezing
-from lamda_peft.models import smollm2_path
+from lamda_peft.apps.models import smollm2_path
 from lamda_peft.tuners.base_layer import LowRankDeltaLayer
 
 STEPS = 20

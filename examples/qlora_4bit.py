@@ -14,8 +14,8 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lamda_peft import LamdaConfig, attach_freezing, keep_training_layout
+from lamda_peft.apps.models import smollm2_path
 from lamda_peft.cli.quantized_base import nf4_config
-from lamda_peft.models import smollm2_path
 
 path = smollm2_path()
 base = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4_config())  # bf16 compute on a GPU

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from lamda_peft import LamdaCallback, LamdaConfig
-from lamda_peft.models import smollm2_path
+from lamda_peft.apps.models import smollm2_path
 
 path = smollm2_path()  # or a Hub id
 data = Dataset.from_list([{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},

@@ -21,7 +21,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLa
                           TrainingArguments)
 
 from lamda_peft import LamdaCallback, LamdaConfig
-from lamda_peft.models import smollm2_path
+from lamda_peft.apps.models import smollm2_path
 
 CPU = not torch.cuda.is_available()
 if CPU:  # DeepSpeed would JIT-compile a shared-memory all-reduce for CPU (minutes); gloo's is enough

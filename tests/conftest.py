@@ -74,7 +74,7 @@ def input_ids():
 
 def _offline_model(alias: str) -> str:
     """The local folder of an offline model alias, or a skip naming the package to install."""
-    from lamda_peft.models import ModelNotAvailable, resolve_model
+    from lamda_peft.apps.models import ModelNotAvailable, resolve_model
 
     try:
         return resolve_model(alias)

@@ -122,7 +122,7 @@ def test_regression_with_lora(glue_dir, minilm_path, tmp_path):
     # the head's bias started at the training labels' mean (3 steps at lr 1e-3 move it by at most 3e-3)
     from safetensors.torch import load_file
 
-    from lamda_peft.data import read_table
+    from lamda_peft.apps.data_loading import read_table
 
     labels = [float(v) for v in read_table(train).column("score")]
     bias = [v for k, v in load_file(out / "adapter_model.safetensors").items() if k.endswith("classifier.bias")]

@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from lamda_peft.data import (
-    IGNORE_INDEX, CausalLMCollator, DataError, Table, bbc_news, dropped_rows_notice, encode_causal_lm, infer_spec,
-    infer_task, read_table,
+from lamda_peft.apps.data import (
+    IGNORE_INDEX, CausalLMCollator, bbc_news, dropped_rows_notice, encode_causal_lm, infer_spec, infer_task,
 )
+from lamda_peft.apps.data_loading import read_table
+from lamda_peft.apps.tables import DataError, Table
 
 
 def test_glue_tsv_quirks(glue_dir):
@@ -134,7 +135,7 @@ def test_parquet_and_mismatched_rows_through_datasets(tmp_path):
 
 
 def test_data_names_for_output_folders(tmp_path):
-    from lamda_peft.data_loading import data_name
+    from lamda_peft.apps.data_loading import data_name
 
     assert data_name(path="glue/SST-2/train.tsv") == "SST-2"  # GLUE: every task's file is train.tsv
     assert data_name(path="glue/CoLA/train.tsv") == "CoLA"

@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from lamda_peft.models import cache_dir
+from lamda_peft.apps.models import cache_dir
 
 VOCAB = 128  # PEFT's inputs use token ids 1 and 2; special tokens sit at the end, out of their way
 _LLAMA = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -17,7 +17,7 @@ import tempfile
 import types
 from pathlib import Path
 
-from lamda_peft.models import cache_dir
+from lamda_peft.apps.models import cache_dir
 
 PACKAGE = "peft_upstream_tests"
 

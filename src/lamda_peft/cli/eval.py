@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import metrics as M
-from ..data import (
-    BBC_NEWS, CausalLMCollator, DataError, DataSpec, Table, bbc_news, dropped_rows_notice, prompt_text, read_table,
-)
+from ..apps import metrics as M
+from ..apps.data import BBC_NEWS, CausalLMCollator, DataSpec, bbc_news, dropped_rows_notice, prompt_text
+from ..apps.data_loading import read_table
+from ..apps.tables import DataError, Table
 from . import UsageError
 from .validate import check_eval_options
 
@@ -307,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
 def _data_spec(args: argparse.Namespace, saved: dict, task: str, table: Table) -> DataSpec:
     """What to read from ``table``: each option given, else the run's; with no run file, the columns ``train`` would
     pick (``text``, ``label``, ``question``, ...) and the classes of ``table``."""
-    from ..data import TASKS, infer_spec, label_names
+    from ..apps.data import TASKS, infer_spec, label_names
 
     max_length = _given(args.max_length, saved.get("max_length") or 128)
     if not saved:
@@ -344,7 +344,7 @@ def _all_validation_rows(args: argparse.Namespace, saved: dict) -> Table:
     if saved.get("dataset") == BBC_NEWS:
         return bbc_news()[1]
     if saved.get("hub_dataset"):
-        from ..data_loading import load_hub_table
+        from ..apps.data_loading import load_hub_table
 
         return load_hub_table(saved["hub_dataset"], saved.get("dataset_config"), saved["validation_split"])
     if saved.get("validation_file"):

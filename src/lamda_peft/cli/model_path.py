@@ -1,5 +1,5 @@
 """The one model resolver of every subcommand (``train``, ``eval``, ``spectrum``, ``report``): an alias of a model
-that installs offline (``minilm``, ``smollm2``; ``lamda_peft.models``), a local folder or a Hub id, checked by
+that installs offline (``minilm``, ``smollm2``; ``lamda_peft.apps.models``), a local folder or a Hub id, checked by
 reading its config, so that a bad name is one line (exit code 2) before anything else is loaded."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ def resolve_model_path(name: str, option: str = "--model") -> str:
     """The folder (or Hub id) of ``name``, whose config transformers can read; else a UsageError naming ``option``."""
     from transformers import AutoConfig
 
-    from ..models import ALIASES, ModelNotAvailable, resolve_model
+    from ..apps.models import ALIASES, ModelNotAvailable, resolve_model
 
     if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():  # a path, not a Hub id
         raise UsageError(f"{option} {name}: no such folder; give a model folder, a Hub id or an alias "

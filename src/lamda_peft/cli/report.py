@@ -52,7 +52,7 @@ def load_config(name_or_path: str):
     folder or a Hub id."""
     from transformers import AutoConfig
 
-    from ..models import ALIASES
+    from ..apps.models import ALIASES
     from .model_path import resolve_model_path
 
     if name_or_path in SHIPPED:

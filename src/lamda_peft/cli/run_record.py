@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..data import DataSpec
+from ..apps.data import DataSpec
 from ..optim import given_lr_options
 from . import UsageError
 from .checkpoints import checkpoint_config, checkpoints, differing_options

@@ -22,9 +22,10 @@ from typing import Any, Optional
 
 import torch
 
-from ..data import BBC_NEWS, DataError, DataSpec, Table, bbc_news, dropped_rows_notice, infer_spec, read_table
-from ..data_loading import data_name as name_of_data
-from ..data_loading import load_hub_table
+from ..apps.data import BBC_NEWS, DataSpec, bbc_news, dropped_rows_notice, infer_spec
+from ..apps.data_loading import data_name as name_of_data
+from ..apps.data_loading import load_hub_table, read_table
+from ..apps.tables import DataError, Table
 from . import Interrupted, UsageError
 from .checkpoints import (
     PublishCheckpoints, check_interrupt, checkpoints, interrupted_message, make_workdir, publish, resolve_resume,

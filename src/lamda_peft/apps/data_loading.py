@@ -15,7 +15,7 @@ import csv
 from pathlib import Path
 from typing import Optional
 
-from .data import DataError, Table
+from .tables import DataError, Table
 
 FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 # File stems that say nothing about the data (GLUE: every task has train.tsv and dev.tsv): the folder names it.

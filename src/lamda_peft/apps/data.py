@@ -1,8 +1,9 @@
-"""Training data for the command line: tables (read through ``datasets`` by :mod:`lamda_peft.data_loading`), column
-checks, task inference and tokenization into torch Datasets that the transformers ``Trainer`` accepts.
+"""Training data for the command line: column checks, task inference and tokenization into torch Datasets that the
+transformers ``Trainer`` accepts, for tables read by :mod:`lamda_peft.apps.data_loading`.
 
-A table is a list of rows (``dict`` column -> string or number) plus the column names in file order. Files with no
-header (CoLA) get columns named ``"0"``, ``"1"``, ...; a column may also be given by its 0-based index.
+A table (:mod:`lamda_peft.apps.tables`) is a list of rows (``dict`` column -> string or number) plus the column names
+in file order. Files with no header (CoLA) get columns named ``"0"``, ``"1"``, ...; a column may also be given by its
+0-based index.
 
 Every problem with the user's data raises ``DataError`` with a message that names the problem and the fix; the
 command line turns it into exit code 2.
@@ -19,34 +20,15 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .tables import DataError, Table
+
 TASKS = ("classification", "regression", "causal-lm")
 MAX_CLASSES = 100  # more distinct labels than this is not a classification task a user means
 IGNORE_INDEX = -100  # label value that the loss of transformers' models skips
 BBC_NEWS = "bbcnews"
 
 
-class DataError(ValueError):
-    """A problem with the user's data or column choice (message names the problem and the fix)."""
-
-
-@dataclass
-class Table:
-    columns: list[str]
-    rows: list[dict[str, Any]]
-    source: str = ""
-
-    def column(self, name: str) -> list[Any]:
-        return [row.get(name) for row in self.rows]
-
-
-# ---------------------------------------------------------------------------------------------------------- reading
-
-
-def read_table(path: str | Path, header: bool = True) -> Table:
-    """Read a csv, tsv, json, jsonl or parquet file through ``datasets`` (see :mod:`lamda_peft.data_loading`)."""
-    from .data_loading import read_table as read
-
-    return read(path, header)
+# ------------------------------------------------------------------------------------------------------ the demo data
 
 
 def bbc_news(seed: int = 0, held_out: float = 0.2) -> tuple[Table, Table, list[str]]:
