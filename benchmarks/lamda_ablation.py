@@ -174,6 +174,9 @@ PLANS: dict[str, list[dict]] = {
     + _grid((100,), (0, 1, 2), [dict(lr_S=1e-2)])
     + _grid((400,), (0,), [dict(lr_S=1e-2, init="gradient", calibration=16),
                            dict(lr_S=1e-2, init="gradient", calibration=256)]),
+    # 17. (session 10) the gradient subspace at S's library default (5x) and with B's longer window (freeze_ratio 0.7)
+    "gradient2": _grid((400,), (0, 1, 2), [dict(lr_S=5e-3, init="gradient"),
+                                           dict(lr_S=1e-2, init="gradient", freeze_ratio=0.7)]),
     # 15. (session 10) weight decay: anchored at S0/B0S0 (issue 25) against the decay toward 0 it replaces, at the
     #     settings of the 400-step default-10x runs (weight decay 0 there: seeds 0-2)
     "weight_decay": _grid((400,), (0, 1, 2), [dict(lr_S=1e-2, weight_decay=0.1),
