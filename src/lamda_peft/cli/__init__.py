@@ -12,7 +12,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-SUBCOMMANDS = ("train", "eval", "spectrum", "report")
+SUBCOMMANDS = ("train", "eval", "spectrum", "report", "export")  # export.py adds export and merge
 
 
 class UsageError(Exception):

@@ -61,14 +61,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def load_base(path: str, task: str, num_labels: int = 2, dtype: torch.dtype = torch.float32,
-              head_from_adapter: bool = False, **load_kwargs):
+              head_from_adapter: bool = False, tokenizer_optional: bool = False, **load_kwargs):
     """The base model and tokenizer for ``task``; a pad token is set where the tokenizer has none.
     ``head_from_adapter``: an adapter will replace the new classification head (no line about a random head).
+    ``tokenizer_optional``: a folder without a tokenizer gives ``None`` for it (export and merge need none).
     ``load_kwargs`` go to ``from_pretrained`` (e.g. ``quantization_config``)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        if not tokenizer_optional:
+            raise
+        tokenizer = None
+    if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if task == "causal-lm":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **load_kwargs)
@@ -79,7 +85,8 @@ def load_base(path: str, task: str, num_labels: int = 2, dtype: torch.dtype = to
                 path, num_labels=1 if task == "regression" else num_labels, problem_type=problem, dtype=dtype,
                 output_loading_info=True, **load_kwargs)
         _explain_new_head(model, info, head_from_adapter)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
