@@ -223,6 +223,23 @@ def test_max_grad_norm_reaches_the_trainer(tiny_bert, reviews, tmp_path, monkeyp
     assert seen == [0.25]  # 0: no clipping at all
 
 
+def test_gradient_checkpointing_changes_memory_not_the_math(tiny_bert, reviews, tmp_path, monkeypatch):
+    """--gradient-checkpointing turns the base model's checkpointing on and trains to the same loss as without."""
+    from transformers import PreTrainedModel
+
+    enabled = []
+    enable = PreTrainedModel.activation_checkpointing_enable
+    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable",
+                        lambda self, *a, **k: enabled.append(k) or enable(self, *a, **k))
+    assert main(train_argv(tiny_bert, reviews, tmp_path / "a", "--max-steps", "3", "--logging-steps", "1")) == 0
+    assert not enabled
+    assert main(train_argv(tiny_bert, reviews, tmp_path / "b", "--max-steps", "3", "--logging-steps", "1",
+                           "--gradient-checkpointing")) == 0
+    assert enabled and read_run(tmp_path / "b")["config"]["gradient_checkpointing"] is True
+    losses = [[e["loss"] for e in read_run(tmp_path / name)["log_history"] if "loss" in e] for name in ("a", "b")]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
 # -------------------------------------------------------------------------------------------------------------- eval
 
 

@@ -66,6 +66,9 @@ def add_parser(subparsers: argparse._SubParsersAction, run) -> argparse.Argument
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (default 0)")
     t.add_argument("--warmup-ratio", type=float, help="fraction of steps of linear warmup (default 0.06)")
     t.add_argument("--warmup-steps", type=int, help="optimizer steps of linear warmup (instead of --warmup-ratio)")
+    t.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each layer's activations in backward instead of keeping them (less memory, about "
+                        "a third more compute; the Trainer's non-reentrant checkpointing)")
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient's norm to this before each "
                                                                     "step; 0: no clipping (default 1, the Trainer's)")
     t.add_argument("--lr-scheduler", default="linear", choices=LR_SCHEDULERS, help="learning-rate schedule after "

@@ -26,7 +26,7 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 REPORTERS = ("none", "tensorboard", "wandb")
 DEFAULTS = {"gradient_accumulation_steps": 1, "weight_decay": 0.0, "warmup_ratio": 0.06, "lr_scheduler": "linear",
             "bf16": False, "fp16": False, "save_steps": None, "report_to": ["none"], "logging_steps": None,
-            "warmup_steps": None, "max_grad_norm": 1.0}
+            "warmup_steps": None, "max_grad_norm": 1.0, "gradient_checkpointing": False}
 
 
 def option(args: Any, name: str) -> Any:
@@ -121,6 +121,9 @@ def train_model(model, tokenizer, spec, train_ds, eval_ds, args: argparse.Namesp
         num_train_epochs=epochs(args), max_steps=-1 if args.max_steps is None else args.max_steps,
         warmup_steps=warmup_steps(args, total), lr_scheduler_type=option(args, "lr_scheduler"),
         max_grad_norm=option(args, "max_grad_norm"), weight_decay=option(args, "weight_decay"),
+        # non-reentrant: needs no input that requires a gradient (the base is frozen under an adapter)
+        activation_checkpointing=option(args, "gradient_checkpointing"),
+        activation_checkpointing_kwargs={"use_reentrant": False},
         bf16=option(args, "bf16"), fp16=option(args, "fp16"),
         logging_steps=logging_steps if logging_steps is not None else max(1, total // 50),
         eval_strategy="steps" if eval_ds is not None else "no", eval_steps=eval_every(args, total),
