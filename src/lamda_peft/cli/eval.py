@@ -356,4 +356,9 @@ def _all_validation_rows(args: argparse.Namespace, saved: dict) -> Table:
         return load_hub_table(saved["hub_dataset"], saved.get("dataset_config"), saved["validation_split"])
     if saved.get("validation_file"):
         return read_table(saved["validation_file"], header=not saved.get("no_header", False))
+    if saved.get("validation_split_percentage") and saved.get("train_file"):  # the rows train held out
+        from .holdout import split_rows
+
+        rows = read_table(saved["train_file"], header=not saved.get("no_header", False))
+        return split_rows(rows, saved["validation_split_percentage"], saved.get("seed", 0))[1]
     raise UsageError("pass --validation-file (the adapter folder does not name its validation data)")

@@ -47,7 +47,8 @@ def run_config(args: argparse.Namespace, spec: DataSpec, data_name: str) -> dict
 # Options added after runs were recorded: in the config only when given (or not at their default), so that an older
 # run's folder still holds "the same run" as the command that wrote it.
 OPTIONAL_OPTIONS = {"max_train_samples": None, "max_eval_samples": None, "lora_dropout": None, "warmup_steps": None,
-                    "max_grad_norm": 1.0, "gradient_checkpointing": False}
+                    "max_grad_norm": 1.0, "gradient_checkpointing": False,
+                    "validation_split_percentage": None}
 
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:

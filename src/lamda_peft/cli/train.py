@@ -31,7 +31,7 @@ from .checkpoints import (
     PublishCheckpoints, check_interrupt, checkpoints, interrupted_message, make_workdir, publish, resolve_resume,
 )
 from ..heads import apply_regression_bias
-from . import quantized_base
+from . import holdout, quantized_base
 from .eval import RUN_FILE, evaluate, generation_report, load_base, print_metrics  # noqa: F401 (API)
 from .model_path import resolve_model_path  # noqa: F401 (API: its home before)
 from .run_record import LOGS, check_output_dir, command_line, run_config, versions  # noqa: F401 (API)
@@ -65,9 +65,13 @@ def load_tables(args: argparse.Namespace) -> tuple[Table, Table, str]:
             raise UsageError("--validation-file needs --train-file (without both, the BBC News demo runs)")
         train, held_out, _ = bbc_news()
         return train, held_out, BBC_NEWS
-    if args.validation_file is None:
-        raise UsageError("--train-file needs --validation-file (the metrics are computed on it)")
     header = not args.no_header
+    if args.validation_file is None:  # hold out a seeded fraction of the training rows (run_clm's)
+        args.validation_split_percentage = args.validation_split_percentage or holdout.DEFAULT_PERCENTAGE
+        train, val = holdout.split_rows(read_table(args.train_file, header), args.validation_split_percentage,
+                                        args.seed)
+        print(holdout.notice(args.validation_split_percentage, len(val.rows), args.seed))
+        return train, val, name_of_data(path=args.train_file)
     return (read_table(args.train_file, header), read_table(args.validation_file, header),
             name_of_data(path=args.train_file))
 

@@ -24,6 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction, run) -> argparse.Argument
     d = p.add_argument_group("data (default: the BBC News demo)")
     d.add_argument("--train-file", help="csv, tsv, json, jsonl or parquet")
     d.add_argument("--validation-file", help="csv, tsv, json, jsonl or parquet; metrics are computed on it")
+    d.add_argument("--validation-split-percentage", type=float,
+                   help="without --validation-file: the percentage of the training rows held out for validation, "
+                        "seeded with --seed (default 10)")
     d.add_argument("--dataset", help="a data set on the Hub (or a local data set folder), read with datasets")
     d.add_argument("--dataset-config", help="--dataset: its configuration (e.g. sst2 for nyu-mll/glue)")
     d.add_argument("--train-split", default="train", help="--dataset: training split (default train)")
@@ -114,6 +117,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("give --epochs or --max-steps, not both")
     if args.dataset and (args.train_file or args.validation_file):
         raise UsageError("give --dataset or --train-file/--validation-file, not both")
+    if args.validation_split_percentage is not None and (args.validation_file or not args.train_file):
+        raise UsageError(f"--validation-split-percentage {args.validation_split_percentage:g} applies to --train-file "
+                         "without --validation-file only; leave it out, or the --validation-file")
     if args.dataset_config and not args.dataset:
         raise UsageError("--dataset-config needs --dataset")
     if args.fp16:

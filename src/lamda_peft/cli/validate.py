@@ -31,6 +31,7 @@ FRACTION = Rule("a fraction in [0, 1]", lambda v: 0 <= v <= 1)
 FRACTION_BELOW_ONE = Rule("a fraction in [0, 1)", lambda v: 0 <= v < 1)
 COUNT = Rule("a positive integer", lambda v: v >= 1)
 COUNT_OR_ZERO = Rule("0 or a positive integer", lambda v: v >= 0)
+PERCENTAGE = Rule("a percentage in (0, 100)", lambda v: 0 < v < 100)
 SEED = Rule(f"an integer in [0, {SEED_MAX}]", lambda v: 0 <= v <= SEED_MAX)
 
 # option -> (rule, fix). The fix says what to pass instead, or what leaving the option out gives.
@@ -66,6 +67,8 @@ TRAIN_OPTIONS: dict[str, tuple[Rule, str]] = {
     "lora_dropout": (FRACTION_BELOW_ONE, "the fraction of x A^T's entries dropped in training (0: none, the default)"),
     "warmup_steps": (COUNT_OR_ZERO, "optimizer steps of warmup (0: none); or --warmup-ratio"),
     "max_grad_norm": (NON_NEGATIVE, "the largest gradient norm before a step (0: no clipping); leave it out for 1"),
+    "validation_split_percentage": (PERCENTAGE, "the percentage of the training rows held out, e.g. 10 (the "
+                                                "default); or pass --validation-file"),
     "save_total_limit": (COUNT, "how many checkpoints to keep, e.g. --save-total-limit 2; leave it out for 1"),
 }
 

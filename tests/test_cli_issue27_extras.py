@@ -1,0 +1,73 @@
+"""Issue 27, what run_glue / run_clm / TRL users expect: a validation split held out of the training file,
+per-row predictions from eval, --modules-to-save, and the CLI under torchrun."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lamda_peft.apps.data_loading import read_table
+from lamda_peft.cli import main
+from lamda_peft.cli.holdout import split_rows
+
+from test_cli_new_user import read_run, reviews, tiny_bert, train_argv  # noqa: F401 (fixtures)
+
+
+def test_held_out_rows_are_disjoint_cover_the_file_and_follow_the_seed(reviews):  # noqa: F811
+    table = read_table(reviews[0])
+    train, val = split_rows(table, 10, seed=3)
+    key = lambda rows: [r["text"] for r in rows]  # noqa: E731
+    assert len(val.rows) == 3 and len(train.rows) == 29
+    assert not set(key(train.rows)) & set(key(val.rows))
+    assert sorted(key(train.rows) + key(val.rows)) == sorted(key(table.rows))
+    assert key(split_rows(table, 10, seed=3)[1].rows) == key(val.rows)
+    assert key(split_rows(table, 10, seed=4)[1].rows) != key(val.rows)
+
+
+def test_train_without_validation_file_holds_out_rows_and_eval_finds_them(tiny_bert, reviews, tmp_path,  # noqa: F811
+                                                                          capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--train-file", str(reviews[0]), "--model", tiny_bert, "--output-dir", str(out),
+            "--batch-size", "4", "--max-length", "16", "--max-steps", "1", "--seed", "3"]
+    assert main(argv) == 0
+    assert "validation: 10% of the training rows (3 rows) held out, seed 3" in capsys.readouterr().out
+    run = read_run(out)
+    assert run["validation_rows"] == 3 and run["train_rows"] == 29
+    assert run["config"]["validation_split_percentage"] == 10
+    assert main(["eval", "--adapter", str(out)]) == 0
+    assert "(3 rows" in capsys.readouterr().out
+
+
+def test_a_validation_file_run_records_no_split_percentage(tiny_bert, reviews, tmp_path):  # noqa: F811
+    import argparse
+
+    from lamda_peft.cli.run_record import given_options
+    from lamda_peft.cli.train_args import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(), run=None)
+    args = parser.parse_args(train_argv(tiny_bert, reviews, tmp_path / "x"))
+    assert "validation_split_percentage" not in given_options(args)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--validation-split-percentage", "0"], "--validation-split-percentage must be a percentage in (0, 100), got 0"),
+    (["--validation-split-percentage", "100"], "--validation-split-percentage must be a percentage in (0, 100)"),
+])
+def test_bad_split_percentages_are_refused(extra, message, reviews, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "never"
+    assert main(["train", "--train-file", str(reviews[0]), "--output-dir", str(out), *extra]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_a_split_percentage_with_a_validation_file_or_too_few_rows_is_refused(reviews, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "never"
+    assert main(["train", "--train-file", str(reviews[0]), "--validation-file", str(reviews[1]),
+                 "--validation-split-percentage", "5", "--output-dir", str(out)]) == 2
+    assert "applies to --train-file without --validation-file" in capsys.readouterr().err
+    one = tmp_path / "one.csv"
+    one.write_text("text,label\ngood,1\n")
+    assert main(["train", "--train-file", str(one), "--output-dir", str(out)]) == 2
+    assert "too few to hold 1 out" in capsys.readouterr().err and not out.exists()
