@@ -71,3 +71,42 @@ def test_a_split_percentage_with_a_validation_file_or_too_few_rows_is_refused(re
     one.write_text("text,label\ngood,1\n")
     assert main(["train", "--train-file", str(one), "--output-dir", str(out)]) == 2
     assert "too few to hold 1 out" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_bert, reviews, tmp_path_factory) -> Path:  # noqa: F811
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert main(train_argv(tiny_bert, reviews, out, "--max-steps", "2")) == 0
+    return out
+
+
+@pytest.mark.parametrize("name", ["preds.jsonl", "preds.csv"])
+def test_eval_predictions_hold_one_row_per_example_and_give_the_printed_accuracy(name, trained, reviews, tmp_path,  # noqa: F811
+                                                                                  capsys):
+    import csv
+
+    capsys.readouterr()
+    path, metrics = tmp_path / "sub" / name, tmp_path / "m.json"
+    assert main(["eval", "--adapter", str(trained), "--predictions", str(path), "--output", str(metrics)]) == 0
+    assert f"wrote 4 predictions to {path}" in capsys.readouterr().out
+    if name.endswith(".csv"):
+        rows = list(csv.DictReader(path.open()))
+    else:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+    validation = read_table(reviews[1])
+    assert [r["text"] for r in rows] == [r["text"] for r in validation.rows]
+    assert all(0.0 < float(r["probability"]) <= 1.0 for r in rows)
+    accuracy = sum(str(r["label"]) == str(r["predicted_label"]) for r in rows) / len(rows)
+    assert accuracy == pytest.approx(json.loads(metrics.read_text())["accuracy"])
+    assert not [p for p in path.parent.iterdir() if p.name != name]  # no temporary file left
+
+
+@pytest.mark.parametrize("name, message", [
+    ("preds.txt", "--predictions {p}: the extension says the format; give a .jsonl or .csv file name"),
+    ("", "--predictions {p} is a folder"),
+])
+def test_bad_predictions_files_are_refused_before_anything_runs(name, message, trained, tmp_path, capsys):
+    path = tmp_path / name
+    assert main(["eval", "--adapter", str(trained), "--predictions", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message.format(p=path) in err and len(err.strip().splitlines()) == 1

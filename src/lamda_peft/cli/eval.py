@@ -24,6 +24,7 @@ from ..apps.data import BBC_NEWS, CausalLMCollator, DataSpec, bbc_news, dropped_
 from ..apps.data_loading import read_table
 from ..apps.tables import DataError, Table
 from . import UsageError
+from .predictions import check_predictions_file, prediction_rows, write_predictions
 from .validate import check_eval_options
 
 RUN_FILE = "metrics.json"  # written by train: its "config" says how to rebuild the model and read the data
@@ -54,6 +55,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="load the base in 4-bit NF4 (bitsandbytes), as 'train --load-in-4bit' did (default: as the run "
                         "was trained, from its metrics.json)")
     p.add_argument("--output", help="also write the metrics as JSON to this file (its folder is created)")
+    p.add_argument("--predictions", help="also write one row per validation example (text, label, prediction) to this "
+                                         ".jsonl or .csv file")
     p.set_defaults(func=run)
 
 
@@ -273,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
     import lamda_peft  # noqa: F401  (registers LaMDA and LoRA-FA with PEFT)
 
     check_eval_options(args)  # the options alone, before the adapter or any data is read
+    check_predictions_file(args.predictions)
     adapter = Path(args.adapter)
     if not adapter.is_dir():
         raise UsageError(f"--adapter {adapter}: no such folder; give the --output-dir of a 'lamda-peft train' run")
@@ -308,6 +312,10 @@ def run(args: argparse.Namespace) -> int:
     if args.output is not None:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    if args.predictions is not None:
+        rows = prediction_rows(model, tokenizer, spec, table, dataset, result, args.batch_size)
+        write_predictions(args.predictions, rows)
+        print(f"wrote {len(rows)} predictions to {args.predictions}")
     return 0
 
 
