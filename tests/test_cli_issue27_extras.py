@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from lamda_peft.apps.data_loading import read_table
 from lamda_peft.cli import main
@@ -110,3 +111,33 @@ def test_bad_predictions_files_are_refused_before_anything_runs(name, message, t
     assert main(["eval", "--adapter", str(trained), "--predictions", str(path)]) == 2
     err = capsys.readouterr().err
     assert message.format(p=path) in err and len(err.strip().splitlines()) == 1
+
+
+def test_modules_to_save_are_trained_and_saved_in_the_adapter(tiny_bert, reviews, tmp_path, capsys):  # noqa: F811
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    out = tmp_path / "run"
+    argv = train_argv(tiny_bert, reviews, out, "--max-steps", "2", "--target-modules", "query", "value",
+                      "--modules-to-save", "pooler")
+    assert main(argv) == 0
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    pooler = {k: v for k, v in saved.items() if ".pooler." in k}
+    assert pooler and any("classifier" in k for k in saved)  # the head is saved as always
+    base = AutoModel.from_pretrained(tiny_bert).pooler.dense.weight
+    trained_weight = next(v for k, v in pooler.items() if k.endswith("dense.weight"))
+    assert not torch.equal(trained_weight, base)  # it was trained
+    assert read_run(out)["config"]["modules_to_save"] == ["pooler"]
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"][:1] == ["pooler"]
+    assert main(["eval", "--adapter", str(out)]) == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "full", "--modules-to-save", "pooler"], "--modules-to-save pooler applies to the adapter methods"),
+    (["--modules-to-save", ","], "--modules-to-save names no module"),
+    (["--modules-to-save", "pooler,nowhere"], "--modules-to-save nowhere: no such module in the model"),
+])
+def test_bad_modules_to_save_are_refused(extra, message, tiny_bert, reviews, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "never"
+    assert main(train_argv(tiny_bert, reviews, out, *extra)) == 2
+    assert message in capsys.readouterr().err and not out.exists()

@@ -48,7 +48,7 @@ def run_config(args: argparse.Namespace, spec: DataSpec, data_name: str) -> dict
 # run's folder still holds "the same run" as the command that wrote it.
 OPTIONAL_OPTIONS = {"max_train_samples": None, "max_eval_samples": None, "lora_dropout": None, "warmup_steps": None,
                     "max_grad_norm": 1.0, "gradient_checkpointing": False,
-                    "validation_split_percentage": None}
+                    "validation_split_percentage": None, "modules_to_save": None}
 
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -82,7 +82,7 @@ def first_rows(table: Table, count: Optional[int]) -> Table:
 
 
 def peft_config(method: str, r: int, alpha: float, targets: Any, task: str, freeze_ratio: Optional[float],
-                init: Optional[str] = None, dropout: float = 0.0):
+                init: Optional[str] = None, dropout: float = 0.0, modules_to_save: Optional[list[str]] = None):
     """The PEFT config of ``method`` (None for full fine-tuning); the same rank, alpha, dropout and targets for all."""
     from peft import LoraConfig, TaskType
 
@@ -90,6 +90,8 @@ def peft_config(method: str, r: int, alpha: float, targets: Any, task: str, free
 
     task_type = TaskType.CAUSAL_LM if task == "causal-lm" else TaskType.SEQ_CLS  # SEQ_CLS trains the head in full
     common = dict(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout, task_type=task_type)
+    if modules_to_save:
+        common["modules_to_save"] = list(modules_to_save)
     if method == "lora":
         return LoraConfig(**common)
     if method == "pissa":
@@ -126,6 +128,17 @@ def check_rank(model: torch.nn.Module, peft_cfg: Any, r: int) -> None:
         name, limit = min(over.items(), key=lambda item: item[1])
         raise UsageError(f"--r {r} exceeds min(d_in, d_out) = {limit} of {len(over)} target module(s) (e.g. {name}); "
                          f"pass --r {min(limits.values())} or smaller, or --target-modules without them")
+
+
+def check_modules_to_save(model: torch.nn.Module, names: Optional[list[str]]) -> None:
+    """Every --modules-to-save name matched a module (PEFT skips a name it does not find)."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    wrapped = [name for name, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    missing = [n for n in names or [] if not any(w == n or w.endswith("." + n) for w in wrapped)]
+    if missing:
+        raise UsageError(f"--modules-to-save {','.join(missing)}: no such module in the model; give module names "
+                         "from print(model), e.g. --modules-to-save pooler")
 
 
 def calibrate_on_data(model: torch.nn.Module, spec: DataSpec, tokenizer: Any, train_ds: Any,
@@ -178,7 +191,7 @@ def check_inputs(args: argparse.Namespace) -> Plan:
     if data_name == BBC_NEWS and args.task not in (None, "classification"):
         raise UsageError("the BBC News demo is a classification task; pass --train-file for other tasks")
     peft_cfg = peft_config(args.method, args.r, args.lora_alpha, targets, spec.task, args.freeze_ratio, args.init,
-                           args.lora_dropout or 0.0)
+                           args.lora_dropout or 0.0, args.modules_to_save)
     model_path = resolve_model_path(args.model)
     config = {**run_config(args, spec, data_name), **quantized_base.check(args)}
     out = Path(args.output_dir) if args.output_dir is not None else default_output_dir(args, data_name)
@@ -209,6 +222,7 @@ def build_model(args: argparse.Namespace, plan: Plan):
         model = model if peft_cfg is None else get_peft_model(model, peft_cfg)
     except ValueError as err:  # e.g. target modules that do not exist in this model
         raise UsageError(f"cannot apply --method {args.method} to {args.model}: {err}") from None
+    check_modules_to_save(model, args.modules_to_save)
     for param in model.parameters():  # the head PEFT copies (modules_to_save) came in the base dtype: train it float32
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()

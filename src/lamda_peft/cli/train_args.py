@@ -48,6 +48,9 @@ def add_parser(subparsers: argparse._SubParsersAction, run) -> argparse.Argument
     m.add_argument("--r", type=int, default=8, help="adapter rank (default 8)")
     m.add_argument("--lora-alpha", type=float, help="scaling numerator, s = alpha / r (default 2 r)")
     m.add_argument("--target-modules", nargs="+", default=["all-linear"], help="module names or 'all-linear'")
+    m.add_argument("--modules-to-save", nargs="+", metavar="MODULE",
+                   help="modules trained in full and saved with the adapter (PEFT's modules_to_save; names, space- or "
+                        "comma-separated; the classification head always is); not for full")
     m.add_argument("--lora-dropout", type=float, help="dropout on the adapter's r-dimensional x A^T, in [0, 1) "
                                                       "(default 0; not for full)")
     m.add_argument("--freeze-ratio", type=float, help="LaMDA: fraction of steps over which B freezes (default 0.3)")
@@ -152,5 +155,12 @@ def check_schedule_options(args: argparse.Namespace) -> None:
         raise UsageError("give --warmup-ratio or --warmup-steps, not both")
     if args.save_total_limit is not None and not args.save_steps:
         raise UsageError("--save-total-limit needs --save-steps N (it says how many of those checkpoints to keep)")
+    if args.modules_to_save is not None:
+        args.modules_to_save = [n.strip() for item in args.modules_to_save for n in item.split(",") if n.strip()]
+        if not args.modules_to_save:
+            raise UsageError("--modules-to-save names no module; give module names, e.g. --modules-to-save pooler")
+        if args.method == "full":
+            raise UsageError(f"--modules-to-save {','.join(args.modules_to_save)} applies to the adapter methods; "
+                             "--method full trains every module already")
     if args.lora_dropout is not None and args.method == "full":
         raise UsageError("--lora-dropout applies to the adapter methods, not --method full")
