@@ -141,3 +141,21 @@ def test_bad_modules_to_save_are_refused(extra, message, tiny_bert, reviews, tmp
     out = tmp_path / "never"
     assert main(train_argv(tiny_bert, reviews, out, *extra)) == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_the_cli_under_torchrun_trains_with_ddp_and_rank_0_writes_the_run_once(tiny_bert, reviews, tmp_path):  # noqa: F811
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29681",
+               "-m", "lamda_peft.cli", *train_argv(tiny_bert, reviews, out, "--max-steps", "2", "--save-steps", "1")]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(f"wrote {out}/") == 1  # rank 0 alone evaluates and writes
+    run = read_run(out)
+    assert run["steps"] == 2 and run["validation"]["eval_rows"] == 4
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-2"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # no rank's temporary folder is left

@@ -117,7 +117,7 @@ class PublishCheckpoints(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs: Any):
         source = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not source.is_dir():
+        if not state.is_world_process_zero or not source.is_dir():  # under torchrun, rank 0 publishes
             return
         (source / RUN_CONFIG).write_text(json.dumps({"config": self.config}, indent=2) + "\n")
         apply_umask(source)

@@ -257,6 +257,8 @@ def run(args: argparse.Namespace) -> int:
         trainer = train_model(model, tokenizer, spec, train_ds, val_ds if args.eval_steps != 0 else None, args,
                               workdir / "trainer", callbacks=[publisher], resume=plan.resume,
                               logging_dir=out / LOGS if "tensorboard" in args.report_to else None)
+        if not trainer.is_world_process_zero():  # torchrun / accelerate launch: rank 0 evaluates and writes the run
+            return 0
         shutil.rmtree(workdir / "trainer", ignore_errors=True)
         params_end = trainable(model)
         memory = accounted_memory(model, trainer.optimizer)
