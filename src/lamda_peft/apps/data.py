@@ -145,6 +145,7 @@ TEXT_DEFAULTS = ("text", "sentence", "sentence1")
 LABEL_DEFAULTS = ("label", "labels", "score")
 PROMPT_DEFAULTS = ("prompt", "question", "instruction", "input")
 RESPONSE_DEFAULTS = ("response", "answer", "output", "completion")
+MESSAGES_COLUMN = "messages"  # chat data as TRL's SFTTrainer reads it: a list of {"role": ..., "content": ...}
 
 
 @dataclass
@@ -156,12 +157,13 @@ class DataSpec:
     label_column: Optional[str] = None
     prompt_column: Optional[str] = None
     response_column: Optional[str] = None
+    messages_column: Optional[str] = None
     classes: Optional[list[str]] = None
     max_length: int = 128
 
     def columns(self) -> list[str]:
         if self.task == "causal-lm":
-            return [self.prompt_column, self.response_column]
+            return [self.messages_column] if self.messages_column else [self.prompt_column, self.response_column]
         return [*self.text_columns, self.label_column]
 
     def check(self, table: Table) -> None:
@@ -176,6 +178,8 @@ class DataSpec:
             check_labels("regression", table.column(self.label_column), [], self.label_column)
 
     def encode(self, table: Table, tokenizer) -> EncodedDataset:
+        if self.task == "causal-lm" and self.messages_column:
+            return encode_chat_messages(table, tokenizer, self.messages_column, self.max_length)
         if self.task == "causal-lm":
             return encode_causal_lm(table, tokenizer, self.prompt_column, self.response_column, self.max_length)
         return encode_classification(table, tokenizer, self.text_columns, self.label_column, self.task,
@@ -193,9 +197,13 @@ def infer_spec(
     if task is None:
         if prompt_column or response_column:
             task = "causal-lm"
-        elif label_column is None and _first(train, LABEL_DEFAULTS) is None and _first(train, PROMPT_DEFAULTS) \
-                and _first(train, RESPONSE_DEFAULTS):
+        elif label_column is None and _first(train, LABEL_DEFAULTS) is None and (
+                MESSAGES_COLUMN in train.columns or (_first(train, PROMPT_DEFAULTS) and _first(train, RESPONSE_DEFAULTS))):
             task = "causal-lm"
+    if task == "causal-lm" and not (prompt_column or response_column) and MESSAGES_COLUMN in train.columns:
+        spec = DataSpec("causal-lm", messages_column=MESSAGES_COLUMN, max_length=max_length)
+        spec.check(validation)
+        return spec
     if task == "causal-lm":
         prompt = _pick(train, prompt_column, PROMPT_DEFAULTS, "--prompt-column")
         response = _pick(train, response_column, RESPONSE_DEFAULTS, "--response-column")
@@ -273,8 +281,11 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)  # an empty cell is null in the Arrow table
 
 
-def prompt_text(tokenizer, prompt: str) -> str:
-    """The prompt as the model sees it: the chat template's user turn when the tokenizer has one."""
+def prompt_text(tokenizer, prompt: Any) -> str:
+    """The prompt as the model sees it: the chat template's user turn when the tokenizer has one (a list of messages,
+    a conversation to continue, is rendered with the template and the generation prompt)."""
+    if isinstance(prompt, list):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
@@ -303,6 +314,59 @@ def encode_causal_lm(
         examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
     if not examples:
         raise DataError(f"every prompt in {table.source} is longer than --max-length {max_length}; raise it")
+    return EncodedDataset(examples, dropped=len(table.rows) - len(examples))
+
+
+def _conversation(value: Any, where: str) -> list[dict[str, Any]]:
+    """One row's ``messages`` cell checked: a list of {"role", "content"} dicts with at least one assistant turn."""
+    if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        raise DataError(f"{where}: 'messages' must be a list of {{\"role\": ..., \"content\": ...}} objects")
+    if not any(m["role"] == "assistant" for m in value):
+        raise DataError(f"{where}: the conversation has no assistant message, so nothing to learn or score")
+    return [{k: v for k, v in m.items() if v is not None} for m in value]  # Arrow fills absent keys with null
+
+
+def encode_chat_messages(table: Table, tokenizer, column: str, max_length: int) -> EncodedDataset:
+    """Conversations (a ``messages`` column, as TRL's SFTTrainer takes) rendered with the tokenizer's chat template,
+    truncated to ``max_length`` tokens; the loss covers the assistant turns only (labels -100 elsewhere).
+
+    The assistant spans are prefix differences: for each assistant message, the tokens of the conversation rendered
+    up to and including it, minus those of the conversation before it rendered with the generation prompt (so the
+    span is the message's content and the template's end of turn, e.g. ``<|im_end|>``, never the role header).
+    This works with every template, where ``return_assistant_tokens_mask`` needs one with ``{% generation %}``
+    blocks. A template whose earlier render is not a token prefix of the later one (one that rewrites past turns)
+    is refused. Rows with no assistant token within ``max_length`` are left out and counted, as for prompt/response.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{table.source}: a 'messages' column needs a tokenizer with a chat template and "
+                        f"{getattr(tokenizer, 'name_or_path', 'this one')} has none; use a chat (instruct) model, or "
+                        "give prompt/response columns instead")
+
+    def ids(messages: list[dict[str, Any]], generation_prompt: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    examples = []
+    for number, row in enumerate(table.rows, start=1):
+        messages = _conversation(row[column], f"{table.source} row {number}")
+        full = ids(messages, False)
+        labels = [IGNORE_INDEX] * len(full)
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before, end = ids(messages[:i], True) if i else [], ids(messages[:i + 1], False)
+            start = len(before)
+            if full[:start] != before or full[:len(end)] != end or start > len(end):
+                raise DataError(f"{table.source} row {number}: the chat template does not render a conversation's "
+                                "start as a prefix of the whole, so the assistant tokens cannot be found; use "
+                                "prompt/response columns instead")
+            labels[start:len(end)] = full[start:len(end)]
+        full, labels = full[:max_length], labels[:max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            continue
+        examples.append({"input_ids": full, "attention_mask": [1] * len(full), "labels": labels})
+    if not examples:
+        raise DataError(f"no assistant turn of {table.source} starts within --max-length {max_length}; raise it")
     return EncodedDataset(examples, dropped=len(table.rows) - len(examples))
 
 

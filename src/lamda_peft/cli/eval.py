@@ -166,7 +166,7 @@ def evaluate(model, tokenizer, spec: DataSpec, dataset, batch_size: int = 32) ->
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
+def generate(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int = 8) -> list[str]:
     """Greedy continuations of ``prompts`` (formatted as in training), left-padded in batches."""
     model.eval()
     device = next(model.parameters()).device
@@ -189,8 +189,15 @@ def generation_report(model, tokenizer, spec: DataSpec, table: Table, n: int, ma
     """Greedy answers for the first ``n`` rows; GSM8K-style references (``#### N``) add the exact-match rate.
     On a CPU a larger ``batch_size`` is much faster per answer (each new token reads every weight once per batch)."""
     rows = table.rows[:n]
-    prompts = [str(r[spec.prompt_column]) for r in rows]
-    references = [str(r[spec.response_column]) for r in rows]
+    if spec.messages_column:  # the conversation before its last assistant turn; that turn is the reference
+        from ..apps.data import _conversation
+        conversations = [_conversation(r[spec.messages_column], table.source) for r in rows]
+        last = [max(i for i, m in enumerate(c) if m["role"] == "assistant") for c in conversations]
+        prompts = [c[:i] for c, i in zip(conversations, last)]
+        references = [str(c[i]["content"]) for c, i in zip(conversations, last)]
+    else:
+        prompts = [str(r[spec.prompt_column]) for r in rows]
+        references = [str(r[spec.response_column]) for r in rows]
     answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
     report: dict[str, Any] = {"generated": len(answers)}
     if M.has_final_answers(references):
@@ -292,7 +299,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     four_bit = args.load_in_4bit or bool(saved.get("load_in_4bit"))  # the base the adapter was trained on
     model, tokenizer = _load_model(adapter, _given(args.model, saved.get("model")), spec, four_bit)
-    dataset = spec.encode(table, tokenizer)
+    try:
+        dataset = spec.encode(table, tokenizer)
+    except DataError as err:
+        raise UsageError(str(err)) from None
     notice = dropped_rows_notice(dataset, "validation", spec.max_length)
     if notice:
         print(notice)
@@ -336,6 +346,7 @@ def _data_spec(args: argparse.Namespace, saved: dict, task: str, table: Table) -
         label_column=_given(args.label_column, saved.get("label_column")),
         prompt_column=_given(args.prompt_column, saved.get("prompt_column")),
         response_column=_given(args.response_column, saved.get("response_column")),
+        messages_column=None if args.prompt_column or args.response_column else saved.get("messages_column"),
         classes=saved.get("classes"),
         max_length=max_length,
     )

@@ -236,7 +236,10 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     model, tokenizer = build_model(args, plan)  # 2. the model and the data
     spec, out = plan.spec, plan.out
-    train_ds, val_ds = spec.encode(plan.train_table, tokenizer), spec.encode(plan.val_table, tokenizer)
+    try:
+        train_ds, val_ds = spec.encode(plan.train_table, tokenizer), spec.encode(plan.val_table, tokenizer)
+    except DataError as err:  # e.g. a 'messages' column and a tokenizer with no chat template
+        raise UsageError(str(err)) from None
     for notice in (dropped_rows_notice(train_ds, "training", spec.max_length),
                    dropped_rows_notice(val_ds, "validation", spec.max_length)):
         if notice:
