@@ -261,22 +261,36 @@ def test_eval_messages_name_what_is_needed_and_where_the_head_comes_from(tiny_be
                  "classification"]) == 0
 
 
+def qa_file(folder: Path) -> Path:
+    """4 question-answer rows (GSM8K's answer format) as jsonl."""
+    rows = [{"question": f"What is {i} plus {i}?", "answer": f"{i} plus {i} is {2 * i}. #### {2 * i}"} for i in range(4)]
+    data = folder / "qa.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return data
+
+
+def qa_train_argv(model: str, data: Path, out: Path) -> list[str]:
+    return ["train", "--train-file", str(data), "--validation-file", str(data), "--model", model, "--target-modules",
+            "q_proj", "v_proj", "--max-steps", "1", "--batch-size", "2", "--max-length", "64", "--output-dir", str(out)]
+
+
+def eval_reproduces_the_run(out: Path, result: Path, capsys, bits: int, description: str) -> float:
+    """``eval`` of the run in ``out`` loads the base as trained (``bits``) and gives the run's validation loss."""
+    trained = read_run(out)["validation"]["loss"]
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out), "--num-generate", "0", "--output", str(result)]) == 0
+    assert f"base in {description}" in capsys.readouterr().out
+    scored = json.loads(result.read_text())
+    assert scored[f"load_in_{bits}bit"] is True and scored["loss"] == pytest.approx(trained, rel=1e-5)
+    return trained
+
+
 def test_eval_scores_a_4bit_adapter_on_its_4bit_base(tiny_chat_model, tmp_path, capsys):
     """Item 10: eval loaded the full-precision base under an adapter trained on a 4-bit one."""
     pytest.importorskip("bitsandbytes", reason="needs pip install 'lamda-peft[quant]'")
-    rows = [{"question": f"What is {i} plus {i}?", "answer": f"{i} plus {i} is {2 * i}. #### {2 * i}"} for i in range(4)]
-    data = tmp_path / "qa.jsonl"
-    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
-    out = tmp_path / "run"
-    assert main(["train", "--train-file", str(data), "--validation-file", str(data), "--model", tiny_chat_model,
-                 "--target-modules", "q_proj", "v_proj", "--max-steps", "1", "--batch-size", "2", "--max-length",
-                 "64", "--load-in-4bit", "--output-dir", str(out)]) == 0
-    trained = read_run(out)["validation"]["loss"]
-    capsys.readouterr()
-    assert main(["eval", "--adapter", str(out), "--num-generate", "0", "--output", str(tmp_path / "e.json")]) == 0
-    assert "base in 4-bit NF4" in capsys.readouterr().out
-    scored = json.loads((tmp_path / "e.json").read_text())
-    assert scored["load_in_4bit"] is True and scored["loss"] == pytest.approx(trained, rel=1e-5)
+    data, out = qa_file(tmp_path), tmp_path / "run"
+    assert main([*qa_train_argv(tiny_chat_model, data, out), "--load-in-4bit"]) == 0
+    trained = eval_reproduces_the_run(out, tmp_path / "e.json", capsys, 4, "4-bit NF4")
     # an adapter folder without the run's metrics.json: --load-in-4bit says how to load its base
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -288,6 +302,21 @@ def test_eval_scores_a_4bit_adapter_on_its_4bit_base(tiny_chat_model, tmp_path, 
     assert json.loads((tmp_path / "bare.json").read_text())["loss"] == pytest.approx(trained, rel=1e-5)
     assert main(common) == 0  # without it, the full-precision base: another model, another loss
     assert json.loads((tmp_path / "bare.json").read_text())["loss"] != pytest.approx(trained, rel=1e-5)
+
+
+def test_an_8bit_base_trains_and_eval_scores_it_on_the_8bit_base(tiny_chat_model, tmp_path, capsys):
+    """--load-in-8bit: bitsandbytes' LLM.int8 base under the adapter; eval reloads it as trained; the flags exclude
+    each other."""
+    pytest.importorskip("bitsandbytes", reason="needs pip install 'lamda-peft[quant]'")
+    out = tmp_path / "run"
+    argv = qa_train_argv(tiny_chat_model, qa_file(tmp_path), out)
+    with pytest.raises(SystemExit) as both:
+        main([*argv, "--load-in-8bit", "--load-in-4bit"])
+    assert both.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*argv, "--load-in-8bit"]) == 0
+    assert read_run(out)["config"]["load_in_8bit"] is True
+    eval_reproduces_the_run(out, tmp_path / "e.json", capsys, 8, "8-bit (LLM.int8)")
 
 
 # ------------------------------------------------------------------------------------------------------------ report

@@ -51,9 +51,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (default 16)")
     p.add_argument("--num-generate", type=int, default=8, help="causal-lm: greedy answers for the first N rows")
     p.add_argument("--max-new-tokens", type=int, default=256, help="causal-lm: generation length limit")
-    p.add_argument("--load-in-4bit", action="store_true",
-                   help="load the base in 4-bit NF4 (bitsandbytes), as 'train --load-in-4bit' did (default: as the run "
-                        "was trained, from its metrics.json)")
+    either = p.add_mutually_exclusive_group()
+    either.add_argument("--load-in-4bit", action="store_true",
+                        help="load the base in 4-bit NF4 (bitsandbytes), as 'train --load-in-4bit' did (default: as "
+                             "the run was trained, from its metrics.json)")
+    either.add_argument("--load-in-8bit", action="store_true",
+                        help="load the base in 8-bit (bitsandbytes' LLM.int8), as 'train --load-in-8bit' did")
     p.add_argument("--output", help="also write the metrics as JSON to this file (its folder is created)")
     p.add_argument("--predictions", help="also write one row per validation example (text, label, prediction) to this "
                                          ".jsonl or .csv file")
@@ -216,31 +219,34 @@ def print_metrics(values: dict[str, Any], prefix: str = "") -> None:
 # ------------------------------------------------------------------------------------------------------- command
 
 
-def _load_model(adapter: Path, base: Optional[str], spec: DataSpec, four_bit: bool):
-    """The trained model: the base (``base``, else the one the adapter names; in 4-bit NF4 when ``four_bit``) with the
-    adapter, or a fully fine-tuned model folder."""
+def _load_model(adapter: Path, base: Optional[str], spec: DataSpec, bits: Optional[int]):
+    """The trained model: the base (``base``, else the one the adapter names; quantized to ``bits`` (4 or 8) when
+    given) with the adapter, or a fully fine-tuned model folder."""
     from peft import PeftConfig, PeftModel
 
     from .model_path import resolve_model_path
-    from .quantized_base import load_4bit, require_bitsandbytes
+    from .quantized_base import load_quantized, require_bitsandbytes
 
     num_labels = len(spec.classes or []) or 2
     is_adapter = (adapter / "adapter_config.json").is_file()
     if not is_adapter and not (adapter / "config.json").is_file():
         raise UsageError(f"--adapter {adapter}: no adapter_config.json or config.json there; "
                          "give a folder written by 'lamda-peft train'")
-    if four_bit and not is_adapter:
-        raise UsageError(f"--load-in-4bit: {adapter} is a fully fine-tuned model (--method full), trained in full "
-                         "precision; evaluate it without --load-in-4bit")
-    if four_bit:
-        require_bitsandbytes()
+    if bits and not is_adapter:
+        raise UsageError(f"--load-in-{bits}bit: {adapter} is a fully fine-tuned model (--method full), trained in full "
+                         f"precision; evaluate it without --load-in-{bits}bit")
+    if bits:
+        require_bitsandbytes(f"--load-in-{bits}bit")
     try:
         if not is_adapter:  # a fully fine-tuned model (method "full"): its head is in its own weights
             return load_base(str(adapter), spec.task, num_labels)
         if base is None:  # no --model and no run file: the base the adapter names
             base = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
-        load = load_4bit if four_bit else load_base
-        model, tokenizer = load(resolve_model_path(base), spec.task, num_labels, head_from_adapter=True)
+        if bits:
+            model, tokenizer = load_quantized(resolve_model_path(base), spec.task, num_labels, bits,
+                                              head_from_adapter=True)
+        else:
+            model, tokenizer = load_base(resolve_model_path(base), spec.task, num_labels, head_from_adapter=True)
         model = PeftModel.from_pretrained(model, str(adapter))
     except (OSError, ValueError, KeyError, RuntimeError) as err:  # missing or mismatched weights
         raise UsageError(f"cannot load the model for {adapter} (base {base!r}): {err}") from None
@@ -280,6 +286,8 @@ def _given(value: Any, saved: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .quantized_base import DESCRIPTION, quantized_bits
+
     import lamda_peft  # noqa: F401  (registers LaMDA and LoRA-FA with PEFT)
 
     check_eval_options(args)  # the options alone, before the adapter or any data is read
@@ -297,8 +305,8 @@ def run(args: argparse.Namespace) -> int:
         spec = _data_spec(args, saved, task, table)
     except DataError as err:
         raise UsageError(str(err)) from None
-    four_bit = args.load_in_4bit or bool(saved.get("load_in_4bit"))  # the base the adapter was trained on
-    model, tokenizer = _load_model(adapter, _given(args.model, saved.get("model")), spec, four_bit)
+    bits = quantized_bits(args) or (4 if saved.get("load_in_4bit") else 8 if saved.get("load_in_8bit") else None)
+    model, tokenizer = _load_model(adapter, _given(args.model, saved.get("model")), spec, bits)  # as trained
     try:
         dataset = spec.encode(table, tokenizer)
     except DataError as err:
@@ -307,9 +315,9 @@ def run(args: argparse.Namespace) -> int:
     if notice:
         print(notice)
     print(f"evaluating {adapter} on {table.source} ({len(dataset)} rows, task {spec.task}"
-          f"{', base in 4-bit NF4' if four_bit else ''})")
+          f"{', base in ' + DESCRIPTION[bits] if bits else ''})")
     result: dict[str, Any] = {"adapter": str(adapter), "validation": table.source,
-                              **({"load_in_4bit": True} if four_bit else {}),
+                              **({f"load_in_{bits}bit": True} if bits else {}),
                               **evaluate(model, tokenizer, spec, dataset, args.batch_size)}
     if spec.task == "causal-lm" and args.num_generate > 0:
         result["generation"] = generation_report(model, tokenizer, spec, table, args.num_generate, args.max_new_tokens)

@@ -1,4 +1,5 @@
-"""``lamda-peft train --load-in-4bit``: the base model in 4-bit NF4 (QLoRA-style), the adapter in full precision.
+"""``lamda-peft train --load-in-4bit`` / ``--load-in-8bit``: the base model in 4-bit NF4 (QLoRA-style) or 8-bit
+(LLM.int8) with bitsandbytes, the adapter in full precision.
 
 Kept apart from train.py so the option is three lines there: the argument, the check, the loader.
 """
@@ -6,7 +7,7 @@ Kept apart from train.py so the option is three lines there: the argument, the c
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -15,28 +16,42 @@ from . import UsageError
 
 HELP = ("load the base model's linear layers in 4-bit NF4 with bitsandbytes (QLoRA-style; needs "
         "pip install 'lamda-peft[quant]'); the adapter trains in the compute dtype, the base stays 4-bit")
+HELP_8BIT = ("load the base model's linear layers in 8-bit (LLM.int8) with bitsandbytes (needs pip install "
+             "'lamda-peft[quant]'); the adapter trains in full precision, the base stays 8-bit")
+DESCRIPTION = {4: "4-bit NF4", 8: "8-bit (LLM.int8)"}
 
 
 def add_argument(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--load-in-4bit", action="store_true", help=HELP)
+    either = group.add_mutually_exclusive_group()
+    either.add_argument("--load-in-4bit", action="store_true", help=HELP)
+    either.add_argument("--load-in-8bit", action="store_true", help=HELP_8BIT)
+
+
+def quantized_bits(args: argparse.Namespace) -> Optional[int]:
+    """4 or 8 when the base is to be loaded quantized, else None."""
+    if getattr(args, "load_in_4bit", False):
+        return 4
+    return 8 if getattr(args, "load_in_8bit", False) else None
 
 
 def check(args: argparse.Namespace) -> dict[str, Any]:
     """Refuse what cannot work before anything is written; returns the entry for the run's config (empty if off)."""
-    if not getattr(args, "load_in_4bit", False):
+    bits = quantized_bits(args)
+    if bits is None:
         return {}
+    flag = f"--load-in-{bits}bit"
     if args.method == "full":
-        raise UsageError("--load-in-4bit cannot train --method full (a 4-bit weight has no gradient); "
+        raise UsageError(f"{flag} cannot train --method full (a {bits}-bit weight has no gradient); "
                          "use an adapter method, e.g. --method lamda")
-    require_bitsandbytes()
-    return {"load_in_4bit": True}  # in the run's config: ``eval`` loads the base as it was trained
+    require_bitsandbytes(flag)
+    return {f"load_in_{bits}bit": True}  # in the run's config: ``eval`` loads the base as it was trained
 
 
-def require_bitsandbytes() -> None:
+def require_bitsandbytes(flag: str = "--load-in-4bit") -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise UsageError("--load-in-4bit needs bitsandbytes: pip install 'lamda-peft[quant]'") from None
+        raise UsageError(f"{flag} needs bitsandbytes: pip install 'lamda-peft[quant]'") from None
 
 
 def nf4_config(compute_dtype: torch.dtype | None = None):
@@ -49,20 +64,34 @@ def nf4_config(compute_dtype: torch.dtype | None = None):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
 
 
+def quantization_config(bits: int):
+    """transformers' ``BitsAndBytesConfig`` for a ``bits``-bit base (4: NF4, 8: LLM.int8)."""
+    from transformers import BitsAndBytesConfig
+
+    return nf4_config() if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
+
+
 def load_base(args: argparse.Namespace, path: str, task: str, num_labels: int, dtype: torch.dtype = torch.float32):
-    """``cli.eval.load_base``, with the 4-bit quantization when ``--load-in-4bit`` is given."""
+    """``cli.eval.load_base``, with the quantization ``--load-in-4bit`` / ``--load-in-8bit`` ask for."""
     from .eval import load_base as load_full_precision
 
-    if not getattr(args, "load_in_4bit", False):
+    bits = quantized_bits(args)
+    if bits is None:
         return load_full_precision(path, task, num_labels, dtype=dtype)
-    return load_4bit(path, task, num_labels, dtype=dtype)
+    return load_quantized(path, task, num_labels, bits, dtype=dtype)
+
+
+def load_quantized(path: str, task: str, num_labels: int, bits: int, dtype: torch.dtype = torch.float32,
+                   **kwargs: Any):
+    """``cli.eval.load_base`` with the linear layers in ``bits``-bit (``kwargs`` go to it)."""
+    from .eval import load_base as load_full_precision
+
+    model, tokenizer = load_full_precision(path, task, num_labels, dtype=dtype,
+                                           quantization_config=quantization_config(bits), **kwargs)
+    keep_training_layout(model)  # 4-bit: no CPU inference repack by bitsandbytes, even before the adapter is added
+    return model, tokenizer
 
 
 def load_4bit(path: str, task: str, num_labels: int, dtype: torch.dtype = torch.float32, **kwargs: Any):
-    """``cli.eval.load_base`` with the linear layers in 4-bit NF4 (``kwargs`` go to it)."""
-    from .eval import load_base as load_full_precision
-
-    model, tokenizer = load_full_precision(path, task, num_labels, dtype=dtype, quantization_config=nf4_config(),
-                                           **kwargs)
-    keep_training_layout(model)  # no CPU inference repack by bitsandbytes, even before the adapter is added
-    return model, tokenizer
+    """:func:`load_quantized` in 4-bit NF4 (the examples use it)."""
+    return load_quantized(path, task, num_labels, 4, dtype=dtype, **kwargs)
