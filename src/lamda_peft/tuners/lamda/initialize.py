@@ -67,9 +67,30 @@ def initialize(model: nn.Module, dataloader: Iterable, *, num_batches: int = 8, 
     Raises ValueError for a model without such an adapter, an adapter already initialized, an empty dataloader, a
     layer with too little data (activations) or no gradient (gradient), or an FSDP2-sharded weight.
     """
+    _initialize(model, dataloader, CALIBRATED_INITS, num_batches=num_batches, adapter_name=adapter_name,
+                show_progress_bar=show_progress_bar, forward_fn=forward_fn, loss_fn=loss_fn,
+                head_warmup_steps=head_warmup_steps, head_lr=head_lr, oversample=oversample,
+                power_iterations=power_iterations, seed=seed)
+
+
+def initialize_from_activations(model: nn.Module, dataloader: Iterable, *, num_batches: int = 8,
+                                adapter_name: Optional[str] = None,
+                                forward_fn: Callable[[nn.Module, Any], Any] = _forward_dict,
+                                show_progress_bar: Optional[bool] = None) -> None:
+    """:func:`initialize` for an ``init="activations"`` adapter (the name it had first; refuses other inits)."""
+    _initialize(model, dataloader, ("activations",), num_batches=num_batches, adapter_name=adapter_name,
+                forward_fn=forward_fn, show_progress_bar=show_progress_bar)
+
+
+def _initialize(model: nn.Module, dataloader: Iterable, inits: tuple[str, ...], *, num_batches: int,
+                adapter_name: Optional[str], show_progress_bar: Optional[bool],
+                forward_fn: Callable[[nn.Module, Any], Any] = _forward_dict, loss_fn: LossFn = model_loss,
+                head_warmup_steps: int = 0, head_lr: float = 1e-3, oversample: int = 8, power_iterations: int = 1,
+                seed: int = 0) -> None:
+    """:func:`initialize` for an adapter whose init is one of ``inits``."""
     if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 1:
         raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
-    adapter_name, init, layers = _uncalibrated_layers(model, adapter_name, CALIBRATED_INITS)
+    adapter_name, init, layers = _uncalibrated_layers(model, adapter_name, inits)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if init == "activations":
         factors = _activation_init(model, layers, adapter_name, dataloader, num_batches, forward_fn,
@@ -94,16 +115,6 @@ def initialize(model: nn.Module, dataloader: Iterable, *, num_batches: int = 8, 
             for container, value in values.items():
                 getattr(layer, container)[adapter_name].copy_(value)
         layer.awaiting_calibration.discard(adapter_name)
-
-
-def initialize_from_activations(model: nn.Module, dataloader: Iterable, *, num_batches: int = 8,
-                                adapter_name: Optional[str] = None,
-                                forward_fn: Callable[[nn.Module, Any], Any] = _forward_dict,
-                                show_progress_bar: Optional[bool] = None) -> None:
-    """:func:`initialize` for an ``init="activations"`` adapter (the name it had first; refuses other inits)."""
-    _uncalibrated_layers(model, adapter_name, ("activations",))
-    initialize(model, dataloader, num_batches=num_batches, adapter_name=adapter_name, forward_fn=forward_fn,
-               show_progress_bar=show_progress_bar)
 
 
 def gradient_factors(U: torch.Tensor, Vh: torch.Tensor, weight: torch.Tensor, scaling: float) -> Factors:
