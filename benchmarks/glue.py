@@ -42,6 +42,10 @@ from lamda_peft.cli.eval import evaluate, load_base
 from lamda_peft.cli.train import peft_config, train_model, trainable, versions
 from lamda_peft.heads import apply_regression_bias
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from glue_methods import DATA_DRIVEN, build  # noqa: E402
+from provenance import provenance  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 GLUE = ROOT.parent / "shared" / "data" / "glue"
 RESULTS = ROOT / "docs" / "results"
@@ -53,7 +57,7 @@ TASKS = {
     "CoLA": (dict(header=False), dict(text_columns=["3"], label_column="1"), ("matthews_corr",)),
     "STS-B": (dict(), dict(text_columns=["sentence1", "sentence2"], label_column="score"), ("pearson", "spearman")),
 }
-METHODS = ("lora", "pissa", "lora-fa", "lamda", "lamda++", "full")
+METHODS = ("lora", "pissa", "lora-fa", "lamda", "lamda++", "full", *DATA_DRIVEN)
 # Each method's learning-rate grid: the same one for every adapter method, a lower one for full fine-tuning.
 ADAPTER_LRS = (1e-3, 3e-3, 1e-2)
 # The separating preset (400 steps) starts one rung lower: at that budget 1e-2 sends LoRA, PiSSA and LaMDA to chance
@@ -103,10 +107,13 @@ def one_run(task: str, method: str, lr: float, seed: int, data, opts, lr_options
     model, tokenizer = load_base(minilm_path(), spec.task, len(spec.classes or []) or 2)
     if opts.regression_bias == "label-mean" and spec.task == "regression":  # the STS-B collapse fix, every method
         apply_regression_bias(model, spec.task, train.column(spec.label_column), "label-mean")
-    cfg = peft_config(method, opts.r, 2.0 * opts.r, "all-linear", spec.task, freeze_ratio)
     from peft import get_peft_model
 
-    model = model if cfg is None else get_peft_model(model, cfg)
+    if method in DATA_DRIVEN:  # LoRA-GA, EVA, CorDA, LaMDA (gradient): calibrated on training batches
+        model = build(method, model, spec, tokenizer, spec.encode(train, tokenizer), opts.r, opts.batch_size, seed)
+    else:
+        cfg = peft_config(method, opts.r, 2.0 * opts.r, "all-linear", spec.task, freeze_ratio)
+        model = model if cfg is None else get_peft_model(model, cfg)
     start = trainable(model)
     args = SimpleNamespace(batch_size=opts.batch_size, lr=lr, epochs=None, max_steps=opts.steps, seed=seed,
                            eval_steps=None, method=method, logging_steps=logging_steps, **(lr_options or {}))
@@ -119,6 +126,7 @@ def one_run(task: str, method: str, lr: float, seed: int, data, opts, lr_options
         "trainable_start": start, "trainable_end": trainable(model), "train_seconds": round(time.time() - began, 1),
         "select": evaluate(model, tokenizer, spec, spec.encode(select, tokenizer), 64),
         "dev": evaluate(model, tokenizer, spec, spec.encode(dev, tokenizer), 64),
+        "provenance": provenance(),
     }
 
 
@@ -289,6 +297,22 @@ def write_report(runs: list[dict], opts, stem: str) -> None:
     print("\n".join(lines))
 
 
+def read_runs(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def run_unless_logged(log: Path, task: str, method: str, lr: float, seed: int, data, opts) -> list[dict]:
+    """Run the cell unless the log has it, and return the whole log. The log is read again before every cell, so
+    processes sharing a label (each with its own --tasks or --methods) never repeat a cell another one finished."""
+    runs = read_runs(log)
+    if not any((r["task"], r["method"], r["lr"], r["seed"]) == (task, method, lr, seed) for r in runs):
+        run = one_run(task, method, lr, seed, data, opts)
+        with log.open("a") as fh:
+            fh.write(json.dumps(run) + "\n")
+        runs = read_runs(log)
+    return runs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), help="default: every task (the separating preset: "
@@ -327,8 +351,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"glue_{opts.label}"
     log = RESULTS / f"{stem}_runs.jsonl"
-    runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    done = {(r["task"], r["method"], r["lr"], r["seed"]) for r in runs}
+    runs = read_runs(log)
     if opts.report:
         if not runs:
             sys.exit(f"no runs in {log} yet: run the benchmark first")
@@ -340,18 +363,12 @@ def main() -> None:
             todo = lr_grid(method, opts)
             while todo:  # selection: every lr with the first seed; with --widen, extend the grid at an edge
                 for lr in todo:
-                    if (task, method, lr, opts.seeds[0]) not in done:
-                        runs.append(one_run(task, method, lr, opts.seeds[0], data, opts))
-                        with log.open("a") as fh:
-                            fh.write(json.dumps(runs[-1]) + "\n")
+                    runs = run_unless_logged(log, task, method, lr, opts.seeds[0], data, opts)
                 rung = next_rung(runs, task, method, opts) if opts.widen else None
                 todo = [rung] if rung is not None else []
             lr = chosen_lr(runs, task, method, opts)
             for seed in opts.seeds[1:]:  # final numbers: the chosen lr with every seed
-                if (task, method, lr, seed) not in done:
-                    runs.append(one_run(task, method, lr, seed, data, opts))
-                    with log.open("a") as fh:
-                        fh.write(json.dumps(runs[-1]) + "\n")
+                runs = run_unless_logged(log, task, method, lr, seed, data, opts)
             print(f"{task} {method}: lr {lr:g}, {len([r for r in runs if r['task'] == task])} runs so far", flush=True)
     write_report(runs, opts, stem)
 
