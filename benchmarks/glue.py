@@ -43,7 +43,7 @@ from lamda_peft.cli.train import peft_config, train_model, trainable, versions
 from lamda_peft.heads import apply_regression_bias
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from glue_methods import DATA_DRIVEN, build  # noqa: E402
+from data_driven import DATA_DRIVEN, build  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

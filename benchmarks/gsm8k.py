@@ -35,10 +35,14 @@ from lamda_peft.cli.checkpoints import checkpoints
 from lamda_peft.cli.eval import evaluate, generation_report, load_base
 from lamda_peft.cli.train import peft_config, train_model, trainable, versions
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data_driven import DATA_DRIVEN, build  # noqa: E402
+from provenance import provenance  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 RESULTS = ROOT / "docs" / "results"
-METHODS = ("lora", "pissa", "lora-fa", "lamda", "lamda++", "full")
+METHODS = ("lora", "pissa", "lora-fa", "lamda", "lamda++", "full", "lora-ga", "lamda-gradient", "lamda++-gradient")
 
 
 def wilson_interval(successes: int, n: int) -> tuple[float, float]:
@@ -64,10 +68,14 @@ def run_method(method: str, train: Table, test: Table, opts) -> dict:
     result: dict = {"method": method}
     began = time.time()
     if method != "base":
-        cfg = peft_config(method, opts.r, 2.0 * opts.r, "all-linear", "causal-lm", None)
         from peft import get_peft_model
 
-        model = model if cfg is None else get_peft_model(model, cfg)
+        if method in DATA_DRIVEN:  # LoRA-GA, LaMDA (gradient): calibrated on 8 shuffled training batches
+            model = build(method, model, spec, tokenizer, spec.encode(train, tokenizer), opts.r, opts.batch_size,
+                          opts.seed, task_type="CAUSAL_LM")
+        else:
+            cfg = peft_config(method, opts.r, 2.0 * opts.r, "all-linear", "causal-lm", None)
+            model = model if cfg is None else get_peft_model(model, cfg)
         result["trainable_start"] = trainable(model)
         lr = opts.lr_full if method == "full" else opts.lr
         args = SimpleNamespace(batch_size=opts.batch_size, lr=lr, epochs=None, max_steps=opts.steps,
@@ -82,6 +90,7 @@ def run_method(method: str, train: Table, test: Table, opts) -> dict:
         train_model(model, tokenizer, spec, spec.encode(train, tokenizer), None, args, workdir, resume=resume)
         result |= {"trainable_end": trainable(model), "lr": lr}
     result["train_seconds"] = round(time.time() - began, 1)
+    result["provenance"] = provenance()
     result["test"] = evaluate(model, tokenizer, spec, spec.encode(test, tokenizer), opts.eval_batch_size)
     gen = generation_report(model, tokenizer, spec, test, opts.em_size, opts.max_new_tokens, opts.eval_batch_size)
     result["exact_match"], result["samples"] = gen.get("final_answer_exact_match"), gen["samples"][:2]

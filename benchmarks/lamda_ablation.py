@@ -35,7 +35,9 @@ and a seed. The knobs (each defaults to the committed LaMDA/CLI setting):
     python benchmarks/lamda_ablation.py --report                  # table + plot from the log only
     python benchmarks/lamda_ablation.py --subspace-energy         # input energy in span(A): spectral vs activations
 
-Every finished run is appended to docs/results/lamda_ablation_runs.jsonl; a rerun skips the cells already there.
+Every finished run is appended to docs/results/lamda_ablation_runs.jsonl (``--log FILE``: to another log, with its own
+table and plot beside it, e.g. for an independent rerun) with its provenance (commit, library versions, host); a rerun
+skips the cells already in the log.
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ from lamda_peft.apps.data import infer_spec  # noqa: E402
 from lamda_peft.apps.models import minilm_path  # noqa: E402
 from lamda_peft.cli.eval import collator_for, evaluate, load_base  # noqa: E402
 from lamda_peft.optim import describe_groups, lamda_param_groups  # noqa: E402
+from provenance import provenance  # noqa: E402
 
-LOG = RESULTS / "lamda_ablation_runs.jsonl"
+LOG = RESULTS / "lamda_ablation_runs.jsonl"  # the committed log; --log writes another one (and its table and plot)
 
 
 def _grid(steps: tuple[int, ...], seeds: tuple[int, ...], variants: list[dict]) -> list[dict]:
@@ -177,6 +180,9 @@ PLANS: dict[str, list[dict]] = {
     # 17. (session 10) the gradient subspace at S's library default (5x) and with B's longer window (freeze_ratio 0.7)
     "gradient2": _grid((400,), (0, 1, 2), [dict(lr_S=5e-3, init="gradient"),
                                            dict(lr_S=1e-2, init="gradient", freeze_ratio=0.7)]),
+    # 18. (session 11) issue 24, item 6: today's defaults (spectral init, S at 5x) at 400 steps, 3 seeds, to pair with
+    #     the 10x rows (plan confirm400) in this pipeline; glue.py found 5x better on every seed at 128 tokens
+    "defaults400": _grid((400,), (0, 1, 2), [dict(lr_S=5e-3)]),
     # 15. (session 10) weight decay: anchored at S0/B0S0 (issue 25) against the decay toward 0 it replaces, at the
     #     settings of the 400-step default-10x runs (weight decay 0 there: seeds 0-2)
     "weight_decay": _grid((400,), (0, 1, 2), [dict(lr_S=1e-2, weight_decay=0.1),
@@ -251,20 +257,20 @@ def one_run(c: dict, data) -> dict:
     losses = training_losses(trainer)
     return {**c, "groups": describe_groups(groups), "train_seconds": round(time.time() - began, 1),
             "train_loss": losses,
-            "dev": evaluate(model, tokenizer, spec, spec.encode(dev, tokenizer), 64)}
+            "dev": evaluate(model, tokenizer, spec, spec.encode(dev, tokenizer), 64), "provenance": provenance()}
 
 
 # ------------------------------------------------------------------------------------------------ log and report
 
 
-def read_log() -> list[dict]:
+def read_log(log: Path = LOG) -> list[dict]:
     # runs logged before a knob existed ran at its default (e.g. r = 8)
-    return [{**DEFAULTS, **json.loads(line)} for line in LOG.read_text().splitlines() if line.strip()] \
-        if LOG.exists() else []
+    return [{**DEFAULTS, **json.loads(line)} for line in log.read_text().splitlines() if line.strip()] \
+        if log.exists() else []
 
 
-def append(run: dict) -> None:
-    with LOG.open("a") as fh:
+def append(run: dict, log: Path = LOG) -> None:
+    with log.open("a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         fh.write(json.dumps(run) + "\n")
         fcntl.flock(fh, fcntl.LOCK_UN)
@@ -277,9 +283,10 @@ def label(c: dict) -> str:
     return c["method"] + (" (one lr 1e-3 for all: the pre-issue default)" if c["method"].startswith("lamda") else " lr=0.001")
 
 
-def report(runs: list[dict]) -> str:
+def report(runs: list[dict], log: Path = LOG) -> str:
     """Dev accuracy per (settings, steps): mean ± std over seeds, with the number of seeds; then, per budget, the
-    difference to LoRA (lr 1e-3) paired by seed, over the seeds both have (2 or more)."""
+    difference to LoRA (lr 1e-3) paired by seed, over the seeds both have (2 or more). The table and the plot go
+    beside the log: <stem>_table.md and <stem>.png for <stem>_runs.jsonl."""
     table: dict[str, dict[int, list[float]]] = {}
     by_seed: dict[tuple[str, int], dict[int, float]] = {}
     for run in runs:
@@ -306,12 +313,13 @@ def report(runs: list[dict]) -> str:
                          else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    (RESULTS / "lamda_ablation_table.md").write_text(text)
-    _plot(table, budgets)
+    stem = log.name.removesuffix(".jsonl").removesuffix("_runs")
+    (log.parent / f"{stem}_table.md").write_text(text)
+    _plot(table, budgets, log.parent / f"{stem}.png")
     return text
 
 
-def _plot(table: dict, budgets: list[int]) -> None:
+def _plot(table: dict, budgets: list[int], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -335,7 +343,7 @@ def _plot(table: dict, budgets: list[int]) -> None:
         ax.axvline(float(np.mean(lora)), color="black", ls="--", lw=1, label="LoRA lr 1e-3, 100 steps (glue.py)")
     ax.set_xlim(45, 90), ax.set_xlabel("SST-2 dev accuracy (x100)"), ax.invert_yaxis(), ax.legend(fontsize=7)
     ax.set_title("LaMDA ablation, MiniLM r=8 all-linear, 2,000 training rows unless marked")
-    fig.tight_layout(), fig.savefig(RESULTS / "lamda_ablation.png", dpi=100), plt.close(fig)
+    fig.tight_layout(), fig.savefig(path, dpi=100), plt.close(fig)
 
 
 def main() -> None:
@@ -347,6 +355,8 @@ def main() -> None:
     p.add_argument("--subspace-energy", action="store_true",
                    help="only measure the input energy in span(A), spectral vs activation init (seconds)")
     p.add_argument("--rank", type=int, default=R, help="the rank of the --step-sizes probe (alpha = 2 rank)")
+    p.add_argument("--log", type=Path, default=LOG, help="the run log to read and append to (default: the committed "
+                   "docs/results/lamda_ablation_runs.jsonl); the table and plot are written beside it")
     opts = p.parse_args()
     if opts.step_sizes or opts.subspace_energy:  # the probes behind the diagnosis (lamda_probes.py)
         import lamda_probes
@@ -357,13 +367,13 @@ def main() -> None:
     if not opts.report:
         cells = [c for plan in opts.plan for c in PLANS[plan]][i - 1::n]
         for c in cells:
-            if key(c) in {key(r) for r in read_log()}:
+            if key(c) in {key(r) for r in read_log(opts.log)}:
                 continue
             run = one_run(c, split("SST-2", c["train_size"], 300))
-            append(run)
+            append(run, opts.log)
             print(f"{label(c)}, {c['steps']} steps, seed {c['seed']}: dev {100 * run['dev']['accuracy']:.1f} "
                   f"({run['train_seconds']:.0f} s)", flush=True)
-    print(report(read_log()))
+    print(report(read_log(opts.log), opts.log))
 
 
 if __name__ == "__main__":

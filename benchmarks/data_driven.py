@@ -1,4 +1,5 @@
-"""The GLUE benchmark's data-driven methods (issue 24): each builds its adapter from a few training batches.
+"""The benchmarks' data-driven methods (issue 24; glue.py, gsm8k.py): each builds its adapter from a few training
+batches.
 
     lamda-gradient     LaMDA, ``init="gradient"`` (``lamda_peft.initialize``: A and B0 span the top-r singular
                        subspaces of the loss gradient wrt W0, from a randomized sketch), ``freeze_ratio=0.7``: the best
@@ -14,7 +15,8 @@
                        covariance hook takes one example per forward, so the 128 rows run one by one, unpadded
 
 Every method calibrates on the same data: ``CALIBRATION_BATCHES`` shuffled training batches of the benchmark's batch
-size (128 rows), seeded with the run's seed, with their labels (the ablation's default calibration size).
+size (GLUE: 128 rows, the ablation's default calibration size; GSM8K: 32 problems), seeded with the run's seed, with
+their labels (for a causal LM, the response tokens).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def _eva_layer_inputs(layer_input: Any, token_index: torch.Tensor, layer_name: s
 
 
 def build(method: str, model: torch.nn.Module, spec: Any, tokenizer: Any, train_ds: Any, r: int, batch_size: int,
-          seed: int) -> torch.nn.Module:
+          seed: int, task_type: str = "SEQ_CLS") -> torch.nn.Module:
     """``model`` (the base, its head initialised) wrapped with ``method``'s adapter, calibrated on the training data."""
     from peft import (EvaConfig, LoraConfig, LoraGAConfig, TaskType, get_peft_model, initialize_lora_eva_weights,
                       preprocess_loraga)
@@ -52,7 +54,7 @@ def build(method: str, model: torch.nn.Module, spec: Any, tokenizer: Any, train_
     if method not in DATA_DRIVEN:
         raise ValueError(f"{method!r} is not one of the data-driven methods {DATA_DRIVEN}")
     batches = calibration_batches(train_ds, collator_for(spec, tokenizer), seed, CALIBRATION_BATCHES, batch_size)
-    common = dict(r=r, lora_alpha=2.0 * r, target_modules="all-linear", lora_dropout=0.0, task_type=TaskType.SEQ_CLS)
+    common = dict(r=r, lora_alpha=2.0 * r, target_modules="all-linear", lora_dropout=0.0, task_type=TaskType[task_type])
     if method in ("lamda-gradient", "lamda++-gradient"):
         energy = {"rank_allocation": "energy"} if method == "lamda++-gradient" else {}
         peft_model = get_peft_model(model, LamdaConfig(**common, init="gradient", freeze_ratio=GRADIENT_FREEZE_RATIO,
