@@ -17,7 +17,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 R = 8  # the rank of every run unless a cell sets r
 DEFAULTS = dict(method="lamda", steps=100, seed=0, lr=1e-3, lr_S=None, lr_B=None, lr_head=None, freeze_ratio=0.3,
                 warmup=0.06, alpha="16", init="spectral", subspace="top", r=R, freeze_order="largest_first",
-                train_size=2000, weight_decay=0.0, decay_anchor=True, calibration=128, head_warmup=0)
+                train_size=2000, weight_decay=0.0, decay_anchor=True, calibration=128, head_warmup=0, s0="identity")
 
 
 def cell(**kw: Any) -> dict:
@@ -47,7 +47,8 @@ def lamda_config(c: dict, task_type):
     extra = {"rank_allocation": "energy"} if c["method"] == "lamda++" else {}
     # None: no freezing; lamda_ablation.one_run then adds no LamdaCallback
     freeze_ratio = 1.0 if c["freeze_ratio"] is None else c["freeze_ratio"]
-    return LamdaConfig(**common, init=c["init"], freeze_ratio=freeze_ratio, freeze_order=c["freeze_order"], **extra)
+    init = "gradient" if c["init"] == "gradient_sign" else c["init"]  # the sign variant replaces the factors after
+    return LamdaConfig(**common, init=init, freeze_ratio=freeze_ratio, freeze_order=c["freeze_order"], **extra)
 
 
 def calibration_batches(dataset, collate, seed: int, num_batches: int = 8, size: int = 16) -> list[dict]:

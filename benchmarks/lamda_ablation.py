@@ -26,6 +26,11 @@ and a seed. The knobs (each defaults to the committed LaMDA/CLI setting):
                               the smaller one; the held-out and dev rows do not change)
     calibration               examples of the data-driven inits (activations, gradient): batches of 16 (default 128)
     head_warmup               gradient init: head-only AdamW steps before the gradient is taken (default 0)
+    init=gradient_sign        (ablation only) LoRA-SB's subspace: A, B0 from the top-r SVD of one simulated Adam step
+                              on the accumulated gradient, G / (|G| + 1e-8) (elementwise, ~sign(G): it needs each
+                              module's full G, so the library's sketch cannot give it), scaled like init=gradient
+    s0                        gradient inits: identity (default, S0 = I) or singular (ablation only: S0 = diag of G's
+                              top-r singular values over their mean, B0S0 = B S0; the same c, so S0's mean is 1)
     weight_decay              AdamW's decoupled weight decay on every group but biases and norms (default 0)
     decay_anchor              True (default): LaMDA's S and B decay toward S0 and B0S0 (lamda_peft.anchored_decay);
                               False: toward 0, as before issue 25
@@ -180,6 +185,15 @@ PLANS: dict[str, list[dict]] = {
     # 17. (session 10) the gradient subspace at S's library default (5x) and with B's longer window (freeze_ratio 0.7)
     "gradient2": _grid((400,), (0, 1, 2), [dict(lr_S=5e-3, init="gradient"),
                                            dict(lr_S=1e-2, init="gradient", freeze_ratio=0.7)]),
+    # 19. (session 11) issue 24's ablation: LoRA-SB's subspace (the sign of one simulated Adam step), S0 from G's
+    #     singular values, S's rate beyond 5x / 10x, B's window at 100 steps, the calibration size with seeds. At
+    #     400 steps with B's longer window and S at 10x (the best gradient setting of session 10) unless marked
+    "gradient3": _grid((400,), (0, 1, 2), [dict(lr_S=1e-2, init="gradient_sign", freeze_ratio=0.7),
+                                           dict(lr_S=1e-2, init="gradient", s0="singular", freeze_ratio=0.7)])
+    + _grid((100,), (0, 1, 2), [dict(lr_S=1e-2, init="gradient", freeze_ratio=0.7)])
+    + _grid((400,), (0,), [dict(lr_S=2e-2, init="gradient", freeze_ratio=0.7),
+                           dict(lr_S=5e-3, init="gradient", freeze_ratio=0.7)])
+    + _grid((400,), (1, 2), [dict(lr_S=1e-2, init="gradient", calibration=16)]),
     # 18. (session 11) issue 24, item 6: today's defaults (spectral init, S at 5x) at 400 steps, 3 seeds, to pair with
     #     the 10x rows (plan confirm400) in this pipeline; glue.py found 5x better on every seed at 128 tokens
     "defaults400": _grid((400,), (0, 1, 2), [dict(lr_S=5e-3)]),
@@ -213,6 +227,51 @@ def _use_minor_subspace(model) -> None:
             layer.lamda_B0S0[adapter].copy_(layer.lamda_B[adapter])
 
 
+def _gradient_variant(model, batches: list[dict], c: dict) -> None:
+    """init=gradient_sign and/or s0=singular (module docstring): the library's factors from another G or S0."""
+    from lamda_peft import LamdaLayer
+    from lamda_peft.tuners.lamda.gradient import gradient_top_svd
+    from lamda_peft.tuners.delta import weight_as_out_in
+    from lamda_peft.tuners.lamda.initialize import gradient_factors
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LamdaLayer)}
+    if c["init"] == "gradient_sign":  # each module's full gradient, as LoRA-GA takes it (eval mode, no dropout)
+        modes = {m: m.training for m in model.modules()}
+        grads = {p: p.requires_grad for p in model.parameters()}
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        weights = {n: layer.get_base_layer().weight for n, layer in layers.items()}
+        for w in weights.values():
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            for batch in batches:
+                model(**batch).loss.backward()
+        svd = {}
+        for n, w in weights.items():
+            step = (w.grad / (w.grad.abs() + 1e-8)).double()  # one Adam step from zero state, bias-corrected
+            U, sigma, Vh = torch.linalg.svd(step, full_matrices=False)
+            svd[n] = (U[:, :c["r"]], sigma[:c["r"]], Vh[:c["r"]])
+            w.grad = None
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
+        for m, flag in modes.items():
+            m.training = flag
+    else:
+        found = gradient_top_svd(model, layers, batches, {n: c["r"] for n in layers}, seed=c["seed"])
+        svd = {n: (f.U, f.S, f.Vh) for n, f in found.items()}
+    with torch.no_grad():
+        for n, layer in layers.items():
+            U, sigma, Vh = svd[n]
+            factors = gradient_factors(U, Vh, weight_as_out_in(layer.get_base_layer()), layer.scaling["default"])
+            if c["s0"] == "singular":
+                S0 = torch.diag(sigma.double() / sigma.double().mean())
+                factors["lamda_S"], factors["lamda_B0S0"] = S0, factors["lamda_B"] @ S0
+            for container, value in factors.items():
+                getattr(layer, container)["default"].copy_(value)
+            layer.awaiting_calibration.discard("default")
+
+
 def one_run(c: dict, data) -> dict:
     from peft import TaskType, get_peft_model
     from transformers import Trainer, TrainingArguments
@@ -226,11 +285,15 @@ def one_run(c: dict, data) -> dict:
     model = get_peft_model(model, lamda_config(c, TaskType.SEQ_CLS))
     if c["subspace"] == "minor":
         _use_minor_subspace(model)
-    if c["init"] in ("activations", "gradient"):  # seeded batches of 16 training sentences (with their labels)
+    if c["init"] in ("activations", "gradient", "gradient_sign"):  # seeded batches of 16 sentences (with labels)
         batches = calibration_batches(spec.encode(train, tokenizer), collator_for(spec, tokenizer), c["seed"],
                                       num_batches=max(1, c["calibration"] // 16))
         if c["init"] == "activations":
             initialize_from_activations(model, batches, num_batches=len(batches))
+        elif c["init"] == "gradient_sign" or c["s0"] != "identity":
+            if c["head_warmup"]:
+                raise ValueError("the ablation's gradient variants take no head warm-up")
+            _gradient_variant(model, batches, c)
         else:
             lamda_peft.initialize(model, batches, num_batches=len(batches), head_warmup_steps=c["head_warmup"],
                                   head_lr=c["lr_head"] or c["lr"], seed=c["seed"])
