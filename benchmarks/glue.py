@@ -36,7 +36,7 @@ import torch
 import lamda_peft  # noqa: F401  (registers the methods with PEFT)
 from lamda_peft.apps.data import infer_spec
 from lamda_peft.apps.data_loading import read_table
-from lamda_peft.apps.models import minilm_path
+from lamda_peft.apps.models import minilm_path, smollm2_path
 from lamda_peft.apps.tables import Table
 from lamda_peft.cli.eval import evaluate, load_base
 from lamda_peft.cli.train import peft_config, train_model, trainable, versions
@@ -73,6 +73,9 @@ SEPARATING = dict(steps=400, max_length=128, select_size=500, widen=True, regres
 # (seed 0); at 100 steps every method stayed at or under 54.4, full fine-tuning included. `--tasks RTE` still runs it.
 SEPARATING_TASKS = ["SST-2", "MRPC", "STS-B"]
 FULL_LRS = (5e-5, 1e-4)
+# --model: MiniLM (22M, the benchmark's model) or SmolLM2-135M (LLaMA architecture) as a sequence classifier, to ask
+# whether LaMDA's gap to LoRA is a small-model effect (issue 24, item 4)
+MODELS = {"minilm": minilm_path, "smollm2": smollm2_path}
 
 
 def split(task: str, train_size: int, select_size: int, seed: int = 0) -> tuple[Table, Table, Table]:
@@ -104,7 +107,7 @@ def one_run(task: str, method: str, lr: float, seed: int, data, opts, lr_options
     train, select, dev = data
     spec = infer_spec(train, dev, **TASKS[task][1], max_length=opts.max_length)
     torch.manual_seed(seed)  # the head's init too
-    model, tokenizer = load_base(minilm_path(), spec.task, len(spec.classes or []) or 2)
+    model, tokenizer = load_base(MODELS[opts.model](), spec.task, len(spec.classes or []) or 2)
     if opts.regression_bias == "label-mean" and spec.task == "regression":  # the STS-B collapse fix, every method
         apply_regression_bias(model, spec.task, train.column(spec.label_column), "label-mean")
     from peft import get_peft_model
@@ -121,7 +124,7 @@ def one_run(task: str, method: str, lr: float, seed: int, data, opts, lr_options
     trainer = train_model(model, tokenizer, spec, spec.encode(train, tokenizer), None, args, Path("/tmp/glue-bench"),
                           callbacks=callbacks)
     return {
-        "task": task, "method": method, "lr": lr, "seed": seed, "steps": trainer.state.global_step,
+        "task": task, "method": method, "lr": lr, "seed": seed, "model": opts.model, "steps": trainer.state.global_step,
         "train_loss": training_losses(trainer),
         "trainable_start": start, "trainable_end": trainable(model), "train_seconds": round(time.time() - began, 1),
         "select": evaluate(model, tokenizer, spec, spec.encode(select, tokenizer), 64),
@@ -289,7 +292,8 @@ def write_report(runs: list[dict], opts, stem: str) -> None:
         ax.set_ylabel("dev score minus LoRA's (x100, paired by seed),\nmean ± std over seeds")
     else:
         ax.set_ylabel("dev score (x100), mean ± std over seeds")
-    ax.set_title(f"GLUE dev, MiniLM, r={opts.r}, {opts.steps} steps ({opts.label})")
+    ax.set_title(f"GLUE dev, {'SmolLM2-135M' if opts.model == 'smollm2' else 'MiniLM'}, r={opts.r}, {opts.steps} steps "
+                 f"({opts.label})")
     ax.legend(fontsize=8, loc="upper right" if paired else "lower left")
     trade.set_xscale("log"), trade.set_xlabel("trainable parameters at the end of training")
     trade.set_ylabel("GLUE mean (x100)"), trade.set_title("score vs trainable parameters")
@@ -324,6 +328,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--r", type=int, default=8)
+    p.add_argument("--model", choices=list(MODELS), default="minilm",
+                   help="the base model (smollm2: SmolLM2-135M as a sequence classifier; give it its own --label)")
     p.add_argument("--adapter-lrs", type=float, nargs="+", default=list(ADAPTER_LRS),
                    help="the learning-rate grid of every adapter method (chosen on the held-out rows)")
     p.add_argument("--full-lrs", type=float, nargs="+", default=list(FULL_LRS),
@@ -346,6 +352,9 @@ def main() -> None:
         if opts.adapter_lrs == list(ADAPTER_LRS):  # not set on the command line
             opts.adapter_lrs = list(SEPARATING_ADAPTER_LRS)
     opts.tasks = opts.tasks or list(TASKS)
+    if opts.model != "minilm" and opts.label in ("budget", "separating"):
+        sys.exit(f"--model {opts.model}: give it its own --label (the {opts.label} log holds MiniLM runs), e.g. "
+                 f"--label {opts.label}_{opts.model}")
     if not GLUE.is_dir():
         sys.exit(f"GLUE data not found at {GLUE} (the benchmark reads ../shared/data/glue)")
     RESULTS.mkdir(parents=True, exist_ok=True)
