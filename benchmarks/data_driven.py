@@ -29,6 +29,10 @@ from ablation_common import calibration_batches
 from lamda_peft.cli.eval import collator_for
 
 DATA_DRIVEN = ("lamda-gradient", "lamda++-gradient", "lora-ga", "eva", "corda")
+# How each trains once built (the CLI's training keys its optimizer groups and B's freezing on the method's name):
+# LaMDA's per-group rates (S at 5x) and LamdaCallback, or the Trainer's AdamW as for LoRA.
+TRAINED_AS = {"lamda-gradient": "lamda", "lamda++-gradient": "lamda++", "lora-ga": "lora", "eva": "lora",
+              "corda": "lora"}
 CALIBRATION_BATCHES = 8
 GRADIENT_FREEZE_RATIO = 0.7
 

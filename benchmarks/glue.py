@@ -43,7 +43,7 @@ from lamda_peft.cli.train import peft_config, train_model, trainable, versions
 from lamda_peft.heads import apply_regression_bias
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_driven import DATA_DRIVEN, build  # noqa: E402
+from data_driven import DATA_DRIVEN, TRAINED_AS, build  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,10 +119,13 @@ def one_run(task: str, method: str, lr: float, seed: int, data, opts, lr_options
         model = model if cfg is None else get_peft_model(model, cfg)
     start = trainable(model)
     args = SimpleNamespace(batch_size=opts.batch_size, lr=lr, epochs=None, max_steps=opts.steps, seed=seed,
-                           eval_steps=None, method=method, logging_steps=logging_steps, **(lr_options or {}))
+                           eval_steps=None, method=TRAINED_AS.get(method, method), logging_steps=logging_steps,
+                           **(lr_options or {}))
     began = time.time()
     trainer = train_model(model, tokenizer, spec, spec.encode(train, tokenizer), None, args, Path("/tmp/glue-bench"),
                           callbacks=callbacks)
+    if args.method in ("lamda", "lamda++") and freeze_ratio != 0 and trainable(model) >= start:
+        raise RuntimeError(f"{method}: B did not freeze ({start} trainable at the start and at the end)")
     return {
         "task": task, "method": method, "lr": lr, "seed": seed, "model": opts.model, "steps": trainer.state.global_step,
         "train_loss": training_losses(trainer),

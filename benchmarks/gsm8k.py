@@ -36,7 +36,7 @@ from lamda_peft.cli.eval import evaluate, generation_report, load_base
 from lamda_peft.cli.train import peft_config, train_model, trainable, versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_driven import DATA_DRIVEN, build  # noqa: E402
+from data_driven import DATA_DRIVEN, TRAINED_AS, build  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,8 @@ def run_method(method: str, train: Table, test: Table, opts) -> dict:
         result["trainable_start"] = trainable(model)
         lr = opts.lr_full if method == "full" else opts.lr
         args = SimpleNamespace(batch_size=opts.batch_size, lr=lr, epochs=None, max_steps=opts.steps,
-                               seed=opts.seed, eval_steps=None, method=method, save_steps=opts.checkpoint_every)
+                               seed=opts.seed, eval_steps=None, method=TRAINED_AS.get(method, method),
+                               save_steps=opts.checkpoint_every)
         # A method's training resumes from its last complete checkpoint (a stopped session loses at most
         # --checkpoint-every steps); the folder goes once the method's result is in the run log.
         workdir = ROOT / "runs" / f"gsm8k-{opts.label}" / method
