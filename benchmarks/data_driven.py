@@ -44,9 +44,15 @@ def _eva_layer_inputs(layer_input: Any, token_index: torch.Tensor, layer_name: s
     return x.contiguous() if x.dim() == 2 else x[token_index.T.unbind()]  # EVA hashes it with .view(-1)
 
 
-def build(method: str, model: torch.nn.Module, spec: Any, tokenizer: Any, train_ds: Any, r: int, batch_size: int,
-          seed: int, task_type: str = "SEQ_CLS") -> torch.nn.Module:
-    """``model`` (the base, its head initialised) wrapped with ``method``'s adapter, calibrated on the training data."""
+def calibration_data(spec: Any, tokenizer: Any, train_ds: Any, batch_size: int, seed: int) -> list[dict]:
+    """The calibration batches of every method: ``CALIBRATION_BATCHES`` seeded, shuffled training batches."""
+    return calibration_batches(train_ds, collator_for(spec, tokenizer), seed, CALIBRATION_BATCHES, batch_size)
+
+
+def build(method: str, model: torch.nn.Module, batches: list[dict], r: int, seed: int,
+          task_type: str = "SEQ_CLS") -> torch.nn.Module:
+    """``model`` (the base, its head initialised) wrapped with ``method``'s adapter, calibrated on ``batches`` (dicts
+    of tensors with labels, as the model takes them)."""
     from peft import (EvaConfig, LoraConfig, LoraGAConfig, TaskType, get_peft_model, initialize_lora_eva_weights,
                       preprocess_loraga)
     from peft.tuners.lora.config import CordaConfig
@@ -57,7 +63,6 @@ def build(method: str, model: torch.nn.Module, spec: Any, tokenizer: Any, train_
 
     if method not in DATA_DRIVEN:
         raise ValueError(f"{method!r} is not one of the data-driven methods {DATA_DRIVEN}")
-    batches = calibration_batches(train_ds, collator_for(spec, tokenizer), seed, CALIBRATION_BATCHES, batch_size)
     common = dict(r=r, lora_alpha=2.0 * r, target_modules="all-linear", lora_dropout=0.0, task_type=TaskType[task_type])
     if method in ("lamda-gradient", "lamda++-gradient"):
         energy = {"rank_allocation": "energy"} if method == "lamda++-gradient" else {}

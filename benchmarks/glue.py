@@ -43,7 +43,7 @@ from lamda_peft.cli.train import peft_config, train_model, trainable, versions
 from lamda_peft.heads import apply_regression_bias
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_driven import DATA_DRIVEN, TRAINED_AS, build  # noqa: E402
+from data_driven import DATA_DRIVEN, TRAINED_AS, build, calibration_data  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +113,8 @@ def one_run(task: str, method: str, lr: float, seed: int, data, opts, lr_options
     from peft import get_peft_model
 
     if method in DATA_DRIVEN:  # LoRA-GA, EVA, CorDA, LaMDA (gradient): calibrated on training batches
-        model = build(method, model, spec, tokenizer, spec.encode(train, tokenizer), opts.r, opts.batch_size, seed)
+        batches = calibration_data(spec, tokenizer, spec.encode(train, tokenizer), opts.batch_size, seed)
+        model = build(method, model, batches, opts.r, seed)
     else:
         cfg = peft_config(method, opts.r, 2.0 * opts.r, "all-linear", spec.task, freeze_ratio)
         model = model if cfg is None else get_peft_model(model, cfg)

@@ -36,7 +36,7 @@ from lamda_peft.cli.eval import evaluate, generation_report, load_base
 from lamda_peft.cli.train import peft_config, train_model, trainable, versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_driven import DATA_DRIVEN, TRAINED_AS, build  # noqa: E402
+from data_driven import DATA_DRIVEN, TRAINED_AS, build, calibration_data  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,8 +71,8 @@ def run_method(method: str, train: Table, test: Table, opts) -> dict:
         from peft import get_peft_model
 
         if method in DATA_DRIVEN:  # LoRA-GA, LaMDA (gradient): calibrated on 8 shuffled training batches
-            model = build(method, model, spec, tokenizer, spec.encode(train, tokenizer), opts.r, opts.batch_size,
-                          opts.seed, task_type="CAUSAL_LM")
+            batches = calibration_data(spec, tokenizer, spec.encode(train, tokenizer), opts.batch_size, opts.seed)
+            model = build(method, model, batches, opts.r, opts.seed, task_type="CAUSAL_LM")
         else:
             cfg = peft_config(method, opts.r, 2.0 * opts.r, "all-linear", "causal-lm", None)
             model = model if cfg is None else get_peft_model(model, cfg)
