@@ -192,7 +192,10 @@ PLANS: dict[str, list[dict]] = {
                                            dict(lr_S=1e-2, init="gradient", s0="singular", freeze_ratio=0.7)])
     + _grid((100,), (0, 1, 2), [dict(lr_S=1e-2, init="gradient", freeze_ratio=0.7)])
     + _grid((400,), (0,), [dict(lr_S=2e-2, init="gradient", freeze_ratio=0.7),
-                           dict(lr_S=5e-3, init="gradient", freeze_ratio=0.7)])
+                           dict(lr_S=5e-3, init="gradient", freeze_ratio=0.7),
+                           # capacity with the task's subspace: r = 32 (S at the rank rule's 2.5x), as LoRA-SB
+                           # reaches parity with a larger core
+                           dict(lr_S=2.5e-3, r=32, alpha="64", init="gradient", freeze_ratio=0.7)])
     + _grid((400,), (1, 2), [dict(lr_S=1e-2, init="gradient", calibration=16)]),
     # 18. (session 11) issue 24, item 6: today's defaults (spectral init, S at 5x) at 400 steps, 3 seeds, to pair with
     #     the 10x rows (plan confirm400) in this pipeline; glue.py found 5x better on every seed at 128 tokens
