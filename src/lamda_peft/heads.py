@@ -11,15 +11,16 @@ saved in full, so a saved model predicts in the labels' own units (nothing to un
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from ._options import REGRESSION_BIAS_CHOICES
+
 #: attribute names of the classification/regression head in transformers' *ForSequenceClassification models (the
 #: same names PEFT's SEQ_CLS task type puts into modules_to_save)
 HEAD_NAMES = ("classifier", "score")
-REGRESSION_BIAS_CHOICES = ("label-mean", "zero")
 
 
 def regression_output_layer(model: nn.Module) -> nn.Linear:
@@ -57,14 +58,6 @@ def init_regression_bias(model: nn.Module, labels: Sequence[float]) -> float:
     return mean
 
 
-def add_regression_bias_argument(parser_group) -> None:
-    """``--regression-bias`` of ``lamda-peft train``."""
-    parser_group.add_argument(
-        "--regression-bias", choices=REGRESSION_BIAS_CHOICES,
-        help="regression: start the head's bias at the training labels' mean (default, where the head has a bias), "
-             "or leave the model's init (zero)")
-
-
 def apply_regression_bias(model: nn.Module, task: str, labels: Sequence[float], choice: str | None) -> str | None:
     """What ``--regression-bias`` asks for; returns a line for the log (None when nothing was done).
 
@@ -83,3 +76,13 @@ def apply_regression_bias(model: nn.Module, task: str, labels: Sequence[float], 
         return "note: the regression head has no bias; it starts at the model's init (not at the label mean)"
     mean = init_regression_bias(model, labels)
     return f"regression head: bias starts at the training labels' mean, {mean:.4g}"
+
+
+def __getattr__(name: str) -> Any:
+    """``add_regression_bias_argument``, the CLI's, under its old path (imported on use: the library never imports
+    cli/)."""
+    if name == "add_regression_bias_argument":
+        from .cli.arguments import add_regression_bias_argument
+
+        return add_regression_bias_argument
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

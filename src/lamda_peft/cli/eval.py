@@ -24,43 +24,14 @@ from ..apps.data import BBC_NEWS, CausalLMCollator, DataSpec, bbc_news, dropped_
 from ..apps.data_loading import read_table
 from ..apps.tables import DataError, Table
 from . import UsageError
-from .predictions import check_predictions_file, prediction_rows, write_predictions
-from .validate import check_eval_options
-
-RUN_FILE = "metrics.json"  # written by train: its "config" says how to rebuild the model and read the data
+from .eval_args import RUN_FILE, check_args
+from .eval_args import add_parser as _add_parser
+from .predictions import prediction_rows, write_predictions
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "eval", help="evaluate a trained adapter on a data file",
-        description="Load an adapter written by 'lamda-peft train' (or any PEFT adapter, with --model and --task) "
-                    "and report the task metrics on --validation-file.",
-    )
-    p.add_argument("--adapter", required=True, help="folder written by 'lamda-peft train' (or a PEFT adapter)")
-    p.add_argument("--validation-file", help="csv, tsv, json, jsonl or parquet (default: the run's own validation data)")
-    p.add_argument("--model", help="base model (alias, folder or Hub id; default: the one the run used)")
-    p.add_argument("--task", help="classification, regression or causal-lm (default: the run's task)")
-    p.add_argument("--text-column", nargs="+", help="text column(s) (default: the run's)")
-    p.add_argument("--label-column", help="label column (default: the run's)")
-    p.add_argument("--prompt-column", help="causal-lm prompt column (default: the run's)")
-    p.add_argument("--response-column", help="causal-lm response column (default: the run's)")
-    p.add_argument("--no-header", action="store_true", help="the csv/tsv file has no header row (columns 0, 1, ...)")
-    p.add_argument("--max-eval-samples", type=int, help="evaluate on the first N rows only (default: all; the run's "
-                                                        "own limit on its own validation data)")
-    p.add_argument("--max-length", type=int, help="tokens per example (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (default 16)")
-    p.add_argument("--num-generate", type=int, default=8, help="causal-lm: greedy answers for the first N rows")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="causal-lm: generation length limit")
-    either = p.add_mutually_exclusive_group()
-    either.add_argument("--load-in-4bit", action="store_true",
-                        help="load the base in 4-bit NF4 (bitsandbytes), as 'train --load-in-4bit' did (default: as "
-                             "the run was trained, from its metrics.json)")
-    either.add_argument("--load-in-8bit", action="store_true",
-                        help="load the base in 8-bit (bitsandbytes' LLM.int8), as 'train --load-in-8bit' did")
-    p.add_argument("--output", help="also write the metrics as JSON to this file (its folder is created)")
-    p.add_argument("--predictions", help="also write one row per validation example (text, label, prediction) to this "
-                                         ".jsonl or .csv file")
-    p.set_defaults(func=run)
+    """The ``eval`` subcommand (its options and checks are in ``eval_args``, which ``lamda-peft`` imports)."""
+    _add_parser(subparsers)
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -286,12 +257,12 @@ def _given(value: Any, saved: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._peft_hook import register_methods
     from .quantized_base import DESCRIPTION, quantized_bits
 
-    import lamda_peft  # noqa: F401  (registers LaMDA and LoRA-FA with PEFT)
+    register_methods()  # LaMDA and LoRA-FA with PEFT (``import lamda_peft`` does it once peft is imported)
 
-    check_eval_options(args)  # the options alone, before the adapter or any data is read
-    check_predictions_file(args.predictions)
+    check_args(args)  # the options alone, before the adapter or any data is read (``lamda-peft`` did already)
     adapter = Path(args.adapter)
     if not adapter.is_dir():
         raise UsageError(f"--adapter {adapter}: no such folder; give the --output-dir of a 'lamda-peft train' run")

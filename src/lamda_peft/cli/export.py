@@ -40,9 +40,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    out = _checked_output(args)  # before the heavy import: a wrong --output-dir is one line at once
+
     from .. import export_lora
 
-    out = _checked_output(args)
     model, _ = load_adapter(Path(args.adapter), args.model)
     try:
         export_lora(model, out, for_vllm=getattr(args, "for_vllm", False))
@@ -87,9 +88,11 @@ def load_adapter(adapter: Path, base: Optional[str]) -> tuple[Any, Any]:
     the adapter's task_type: SEQ_CLS with the saved head's number of labels, or a causal LM)."""
     from peft import PeftConfig, PeftModel
 
+    from .._peft_hook import register_methods
     from .eval import _saved_config, load_base
     from .model_path import resolve_model_path
 
+    register_methods()  # LaMDA and LoRA-FA with PEFT, before PeftConfig reads the adapter's peft_type
     saved = _saved_config(adapter)
     config = PeftConfig.from_pretrained(str(adapter))
     base = base or saved.get("model") or config.base_model_name_or_path

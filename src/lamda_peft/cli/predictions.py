@@ -16,21 +16,7 @@ import torch
 
 from ..apps.data import DataSpec
 from ..apps.tables import Table
-from . import UsageError
-from .validate import check_output_file
-
-FORMATS = (".jsonl", ".csv")
-
-
-def check_predictions_file(path: Optional[str]) -> None:
-    """Up front, like --output: a writable file whose extension says the format."""
-    if path is None:
-        return
-    check_output_file("--predictions", Path(path))
-    if Path(path).suffix.lower() not in FORMATS:
-        raise UsageError(f"--predictions {path}: the extension says the format; give a .jsonl or .csv file name, "
-                         f"e.g. --predictions {Path(path).with_suffix('.jsonl')}")
-
+from .eval_args import FORMATS, check_predictions_file  # noqa: F401 (their home before)
 
 @torch.no_grad()
 def predict(model, tokenizer, spec: DataSpec, dataset, batch_size: int = 32) -> list[tuple[float, float]]:

@@ -1,18 +1,19 @@
 """``lamda-peft train --load-in-4bit`` / ``--load-in-8bit``: the base model in 4-bit NF4 (QLoRA-style) or 8-bit
 (LLM.int8) with bitsandbytes, the adapter in full precision.
 
-Kept apart from train.py so the option is three lines there: the argument, the check, the loader.
+Kept apart from train.py so the option is three lines there: the argument, the check, the loader. Light (torch is
+imported by the loaders only): ``train``'s and ``eval``'s option checks use it before anything heavy is imported.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
-
-from ..tuners.quantized import keep_training_layout
 from . import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 HELP = ("load the base model's linear layers in 4-bit NF4 with bitsandbytes (QLoRA-style; needs "
         "pip install 'lamda-peft[quant]'); the adapter trains in the compute dtype, the base stays 4-bit")
@@ -56,6 +57,7 @@ def require_bitsandbytes(flag: str = "--load-in-4bit") -> None:
 
 def nf4_config(compute_dtype: torch.dtype | None = None):
     """transformers' ``BitsAndBytesConfig`` for an NF4 base: bf16 compute on a GPU that has it, else float32."""
+    import torch
     from transformers import BitsAndBytesConfig
 
     if compute_dtype is None:
@@ -71,27 +73,36 @@ def quantization_config(bits: int):
     return nf4_config() if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
 
 
-def load_base(args: argparse.Namespace, path: str, task: str, num_labels: int, dtype: torch.dtype = torch.float32):
-    """``cli.eval.load_base``, with the quantization ``--load-in-4bit`` / ``--load-in-8bit`` ask for."""
+def load_base(args: argparse.Namespace, path: str, task: str, num_labels: int, dtype: Optional[torch.dtype] = None):
+    """``cli.eval.load_base``, with the quantization ``--load-in-4bit`` / ``--load-in-8bit`` ask for (``dtype``
+    None: float32)."""
+    import torch
+
     from .eval import load_base as load_full_precision
 
+    dtype = torch.float32 if dtype is None else dtype
     bits = quantized_bits(args)
     if bits is None:
         return load_full_precision(path, task, num_labels, dtype=dtype)
     return load_quantized(path, task, num_labels, bits, dtype=dtype)
 
 
-def load_quantized(path: str, task: str, num_labels: int, bits: int, dtype: torch.dtype = torch.float32,
+def load_quantized(path: str, task: str, num_labels: int, bits: int, dtype: Optional[torch.dtype] = None,
                    **kwargs: Any):
-    """``cli.eval.load_base`` with the linear layers in ``bits``-bit (``kwargs`` go to it)."""
+    """``cli.eval.load_base`` with the linear layers in ``bits``-bit (``kwargs`` go to it; ``dtype`` None:
+    float32)."""
+    import torch
+
+    from ..tuners.quantized import keep_training_layout
     from .eval import load_base as load_full_precision
 
+    dtype = torch.float32 if dtype is None else dtype
     model, tokenizer = load_full_precision(path, task, num_labels, dtype=dtype,
                                            quantization_config=quantization_config(bits), **kwargs)
     keep_training_layout(model)  # 4-bit: no CPU inference repack by bitsandbytes, even before the adapter is added
     return model, tokenizer
 
 
-def load_4bit(path: str, task: str, num_labels: int, dtype: torch.dtype = torch.float32, **kwargs: Any):
-    """:func:`load_quantized` in 4-bit NF4 (the examples use it)."""
+def load_4bit(path: str, task: str, num_labels: int, dtype: Optional[torch.dtype] = None, **kwargs: Any):
+    """:func:`load_quantized` in 4-bit NF4 (the examples use it; ``dtype`` None: float32)."""
     return load_quantized(path, task, num_labels, 4, dtype=dtype, **kwargs)

@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 
 from . import UsageError
+from .report_args import HELP, SHIPPED, check_args  # noqa: F401 (HELP: its home before)
+from .report_args import add_parser as _add_parser
 from ..memory import (
     MB,
     adapter_trainable_parameters,
@@ -21,8 +23,7 @@ from ..memory import (
     prepare_model,
 )
 
-SHIPPED = ("llama-2-7b", "deberta-v3-base", "bart-large")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # report_args.DTYPE_NAMES
 #: (row label, method of the estimate); LaMDA++ keeps the uniform rank budget (see ``lamda_plus_plus_note``)
 ROWS = (("LoRA", "lora"), ("LoRA-FA", "lorafa"), ("LaMDA, B training", "lamda"),
         ("LaMDA, B frozen", "lamda_frozen"), ("LaMDA++ (uniform ranks)", "lamda"))
@@ -116,45 +117,13 @@ def _mb(value: Optional[int]) -> str:
     return "n/a" if value is None else f"{value / MB:,.1f}"
 
 
-HELP = """Plan the memory of a fine-tuning run before starting it (no weights are loaded).
-
-    lamda-peft report llama-2-7b --r 64 --batch 8 --seq 1024 --dtype bf16
-
-MODEL_OR_CONFIG is a shipped config name (llama-2-7b, deberta-v3-base, bart-large), a model alias (minilm,
-smollm2), a config.json, a local model folder or a Hub id; the architecture is built on the meta device. One row per
-method: trainable parameters at the start and the end of the run, parameter updates averaged over the run (LaMDA's
-B frozen column by column over the first --freeze-ratio of --steps), gradient and AdamW state bytes, adapter
-activation bytes, the frozen model's own saved activations, the accounted total and its ratio to LoRA."""
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("report", help="estimate the training memory of each method (no weights loaded)",
-                              description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL_OR_CONFIG",
-                   help=f"{', '.join(SHIPPED)}, minilm, smollm2, a config.json, a folder or a Hub id")
-    p.add_argument("--r", type=int, default=64, help="adapter rank (default 64)")
-    p.add_argument("--batch", type=int, default=8, help="examples per forward pass (default 8)")
-    p.add_argument("--seq", type=int, default=1024, help="tokens per example (default 1024)")
-    p.add_argument("--targets", default="all-linear", help="'all-linear' (default) or comma-separated module names")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
-                   help="base weights' dtype (default bf16; adapters are fp32)")
-    p.add_argument("--steps", type=int, default=1000, help="training steps, for the averaged updates (default 1000)")
-    p.add_argument("--freeze-ratio", type=float, default=0.3,
-                   help="LaMDA's B is frozen over this fraction of the steps (default 0.3)")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where the run would train (default cuda)")
-    p.add_argument("--load-in-4bit", action="store_true",
-                   help="the base's linear layers in 4-bit NF4, as `lamda-peft train --load-in-4bit` loads them "
-                        "(--dtype is then the compute dtype)")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON")
-    p.set_defaults(func=run)
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """The ``report`` subcommand (its options and checks are in ``report_args``, which ``lamda-peft`` imports)."""
+    _add_parser(subparsers)
 
 
 def run(args) -> int:
-    for name in ("r", "batch", "seq", "steps"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if not 0 <= args.freeze_ratio <= 1:
-        raise UsageError(f"--freeze-ratio must be in [0, 1], got {args.freeze_ratio}")
+    check_args(args)
     config = load_config(args.model)
     targets = args.targets if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",") if t.strip()]
     try:

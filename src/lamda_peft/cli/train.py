@@ -230,7 +230,9 @@ def build_model(args: argparse.Namespace, plan: Plan):
 
 
 def run(args: argparse.Namespace) -> int:
-    import lamda_peft  # noqa: F401  (registers LaMDA and LoRA-FA with PEFT)
+    from .._peft_hook import register_methods
+
+    register_methods()  # LaMDA and LoRA-FA with PEFT (``import lamda_peft`` does it once peft is imported)
 
     plan = check_inputs(args)  # 1. nothing is written before every input passed
     started = time.time()

@@ -3,19 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
-from ..heads import add_regression_bias_argument
-from ..optim import add_lr_arguments, check_lr_options
-from . import UsageError, quantized_base
-from .training import LR_SCHEDULERS, REPORTERS, check_reporters
+from .._options import check_lr_options
+from . import Command, UsageError, quantized_base
+from .arguments import add_lr_arguments, add_regression_bias_argument
 from .validate import check_train_options
 
 METHODS = ("lamda", "lamda++", "lora-fa", "lora", "full")
 DEFAULT_LR = {"full": 5e-5}  # adapters: 1e-3
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
+REPORTERS = ("none", "tensorboard", "wandb")
 
 
-def add_parser(subparsers: argparse._SubParsersAction, run) -> argparse.ArgumentParser:
+def check_reporters(report_to: Sequence[str]) -> list[str]:
+    """The integrations to log to; an uninstalled one is a usage error naming the package."""
+    chosen = [r for r in report_to if r != "none"]
+    for name in chosen:
+        if name not in REPORTERS:
+            raise UsageError(f"--report-to {name!r}: choose from {', '.join(REPORTERS)}")
+        if importlib.util.find_spec(name) is None:
+            extra = ' (pip install "lamda-peft[tensorboard]")' if name == "tensorboard" else ""
+            raise UsageError(f"--report-to {name} needs the {name} package: pip install {name}{extra}")
+    return chosen
+
+
+def add_parser(subparsers: argparse._SubParsersAction,
+               run: Optional[Callable[[argparse.Namespace], Any]] = None) -> argparse.ArgumentParser:
+    """The ``train`` subcommand; ``run`` defaults to ``lamda_peft.cli.train.run``, imported after ``check_args``
+    passed (the options alone decide an option error, before torch, transformers and peft are imported)."""
     p = subparsers.add_parser(
         "train", help="fine-tune a model (no arguments: the MiniLM + BBC News demo)",
         description="Fine-tune with LaMDA (default), LaMDA++, LoRA-FA, PEFT LoRA or full fine-tuning. "
@@ -61,7 +80,7 @@ def add_parser(subparsers: argparse._SubParsersAction, run) -> argparse.Argument
     quantized_base.add_argument(m)
     t = p.add_argument_group("training")
     t.add_argument("--lr", type=float, help="learning rate (default 1e-3 for adapters, 5e-5 for full)")
-    add_lr_arguments(t)  # --lr-S, --lr-B, --lr-head (lamda_peft.optim)
+    add_lr_arguments(t)  # --lr-S, --lr-B, --lr-head (lamda_peft.optim's groups)
     t.add_argument("--epochs", type=float, help="passes over the training data (default 1)")
     t.add_argument("--max-steps", type=int, help="optimizer steps (instead of --epochs)")
     t.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (default 16)")
@@ -101,7 +120,7 @@ def add_parser(subparsers: argparse._SubParsersAction, run) -> argparse.Argument
     o.add_argument("--max-new-tokens", type=int, default=256, help="causal-lm: generation length limit")
     o.add_argument("--output-dir", help="default runs/<method>-<model>-<data>")
     o.add_argument("--overwrite", action="store_true", help="replace an output folder that holds a different run")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run if run is not None else Command("lamda_peft.cli.train:run", check=check_args))
     return p
 
 

@@ -8,7 +8,6 @@ the options a fine-tuning command is expected to have, ``LamdaCallback`` for LaM
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -19,11 +18,9 @@ import torch
 from ..optim import trainer_optimizers
 from ..tuners.quantized import quantization_state_bytes
 from . import UsageError
+from .train_args import LR_SCHEDULERS, REPORTERS, check_reporters  # noqa: F401 (their home before)
 from .trainer import CliTrainer, NothingLeftToTrain, NumericProgress, SkipFinalEvaluation  # noqa: F401 (API)
 
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                 "inverse_sqrt")
-REPORTERS = ("none", "tensorboard", "wandb")
 DEFAULTS = {"gradient_accumulation_steps": 1, "weight_decay": 0.0, "warmup_ratio": 0.06, "lr_scheduler": "linear",
             "bf16": False, "fp16": False, "save_steps": None, "report_to": ["none"], "logging_steps": None,
             "warmup_steps": None, "max_grad_norm": 1.0, "gradient_checkpointing": False}
@@ -62,18 +59,6 @@ def eval_every(args: Any, total: int) -> int:
     if args.eval_steps is None or args.eval_steps == 0:
         return max(1, math.ceil(total / 4))
     return args.eval_steps
-
-
-def check_reporters(report_to: Sequence[str]) -> list[str]:
-    """The integrations to log to; an uninstalled one is a usage error naming the package."""
-    chosen = [r for r in report_to if r != "none"]
-    for name in chosen:
-        if name not in REPORTERS:
-            raise UsageError(f"--report-to {name!r}: choose from {', '.join(REPORTERS)}")
-        if importlib.util.find_spec(name) is None:
-            extra = ' (pip install "lamda-peft[tensorboard]")' if name == "tensorboard" else ""
-            raise UsageError(f"--report-to {name} needs the {name} package: pip install {name}{extra}")
-    return chosen
 
 
 def lamda_callbacks(method: str) -> list:
