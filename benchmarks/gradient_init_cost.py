@@ -13,7 +13,9 @@ all 210 linear modules:
     lora-ga             PEFT's LoRA-GA (preprocess_loraga, then get_peft_model): each weight's full gradient
                         accumulated by autograd in one pass, then one SVD per module; the full-gradient reference
     forward+backward    the batches' loss backward with no parameter gradient (the input embeddings require one): the
-                        activations any calibration, or a training step, holds
+                        activations any calibration holds
+    lora training pass  LoRA r = 16 (all-linear) and the batches' loss backward, gradients accumulated: what one pass
+                        of LoRA training on the same batches holds (each adapted layer keeps its input for backward)
 
 Time: wall seconds of the whole init (get_peft_model included). Memory: the peak of the C heap in use during the init
 above its value with the model loaded (PeakHeap, gradient_init_memory.py); "extra" subtracts the forward+backward
@@ -39,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gradient_init_memory import GSM8K, RESULTS, PeakHeap  # noqa: E402
 
 R, BATCHES, BATCH_SIZE, LENGTH = 16, 8, 4, 256
-VARIANTS = ("spectral", "gradient q=1, p=8", "gradient q=0, p=8", "lora-ga", "forward+backward")
+VARIANTS = ("spectral", "gradient q=1, p=8", "gradient q=0, p=8", "lora-ga", "forward+backward", "lora training pass")
 
 
 def batches(tokenizer) -> list[dict]:
@@ -88,6 +90,10 @@ def run(variant: str, out: Path) -> None:
 
             preprocess_loraga(model, config, train_step)
             get_peft_model(model, config)
+        elif variant == "lora training pass":
+            peft_model = get_peft_model(model, LoraConfig(**common))
+            for batch in data:
+                peft_model(**batch).loss.backward()
         else:
             for param in model.parameters():
                 param.requires_grad_(False)
