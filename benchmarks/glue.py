@@ -276,6 +276,8 @@ def write_report(runs: list[dict], opts, stem: str) -> None:
     # the 1-5 points that separate the methods.
     paired = any((t, "lora") in best for t in opts.tasks)
     barred = [m for m in methods if not (paired and m == "lora")]
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours: the default cycle repeats after 10 methods
+    color = {m: colors[2 * i % 20 + (2 * i // 20) % 2] for i, m in enumerate(methods)}
     width = 0.8 / max(len(barred), 1)
     for i, m in enumerate(methods):
         if m in barred:  # (mean, std) per task: of the paired difference, or of the score; (0, 0) where not run
@@ -283,16 +285,16 @@ def write_report(runs: list[dict], opts, stem: str) -> None:
             bars = [(c["diff_to_lora"]["mean"], c["diff_to_lora"]["std"]) if paired and c.get("diff_to_lora")
                     else (0.0, 0.0) if paired or not c else (c["dev_mean"], c["dev_std"]) for c in cells]
             x = np.arange(len(opts.tasks)) + barred.index(m) * width
-            ax.bar(x, [b[0] for b in bars], width, yerr=[b[1] for b in bars], label=m, color=f"C{i}")
+            ax.bar(x, [b[0] for b in bars], width, yerr=[b[1] for b in bars], label=m, color=color[m])
         end = next(best[(t, m)]["trainable_end"] for t in opts.tasks if (t, m) in best)
         if np.isnan(means[m]):  # not every task run yet
             continue
-        trade.scatter(end, means[m], color=f"C{i}", s=40)
+        trade.scatter(end, means[m], color=color[m], s=40)
         trade.annotate(m, (end, means[m]), textcoords="offset points", xytext=(5, 4 if i % 2 == 0 else -11),
                        fontsize=8)  # alternate above and below: LoRA and PiSSA often coincide
     ax.set_xticks(np.arange(len(opts.tasks)) + 0.4 - width / 2, opts.tasks)
     if paired:
-        ax.axhline(0, color="C0", lw=1, label="lora (zero line)")
+        ax.axhline(0, color=color.get("lora", "black"), lw=1, label="lora (zero line)")
         ax.set_ylabel("dev score minus LoRA's (x100, paired by seed),\nmean ± std over seeds")
     else:
         ax.set_ylabel("dev score (x100), mean ± std over seeds")
