@@ -38,39 +38,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gradient_init_memory import GSM8K, RESULTS, PeakHeap  # noqa: E402
+from gradient_init_memory import RESULTS, PeakHeap, batches, load_smollm2  # noqa: E402
 
 R, BATCHES, BATCH_SIZE, LENGTH = 16, 8, 4, 256
 VARIANTS = ("spectral", "gradient q=1, p=8", "gradient q=0, p=8", "lora-ga", "forward+backward", "lora training pass")
 
 
-def batches(tokenizer) -> list[dict]:
-    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[: BATCHES * BATCH_SIZE]]
-    texts = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in rows]
-    out = []
-    for i in range(0, len(texts), BATCH_SIZE):
-        enc = tokenizer(texts[i:i + BATCH_SIZE], padding="max_length", truncation=True, max_length=LENGTH,
-                        return_tensors="pt")
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
-    return out
-
-
 def run(variant: str, out: Path) -> None:
     from peft import LoraConfig, LoraGAConfig, get_peft_model, preprocess_loraga
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import lamda_peft
     from lamda_peft import LamdaConfig
-    from lamda_peft.apps.models import smollm2_path
 
-    torch.manual_seed(0)
-    path = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    data = batches(tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model, tokenizer = load_smollm2()
+    data = batches(tokenizer, BATCHES, BATCH_SIZE, LENGTH, padding="max_length")
     common = dict(r=R, lora_alpha=2 * R, target_modules="all-linear", task_type="CAUSAL_LM")
     began = time.perf_counter()
     with PeakHeap() as memory:

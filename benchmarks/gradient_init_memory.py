@@ -76,12 +76,28 @@ class PeakHeap:
         self.growth = self.peak - self.start
 
 
-def batches(tokenizer) -> list[dict]:
-    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[: BATCHES * BATCH_SIZE]]
+def load_smollm2():
+    """(model in eval mode, float32; its tokenizer with a pad token), seeded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lamda_peft.apps.models import smollm2_path
+
+    torch.manual_seed(0)
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tokenizer
+
+
+def batches(tokenizer, count: int = BATCHES, size: int = BATCH_SIZE, length: int = LENGTH,
+            padding: bool | str = True) -> list[dict]:
+    """``count`` batches of ``size`` GSM8K question-answer pairs, up to ``length`` tokens (``padding="max_length"``:
+    exactly), the loss on every real token."""
+    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[: count * size]]
     texts = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in rows]
     out = []
-    for i in range(0, len(texts), BATCH_SIZE):
-        enc = tokenizer(texts[i:i + BATCH_SIZE], padding=True, truncation=True, max_length=LENGTH,
+    for i in range(0, len(texts), size):
+        enc = tokenizer(texts[i:i + size], padding=padding, truncation=True, max_length=length,
                         return_tensors="pt")
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
@@ -90,18 +106,12 @@ def batches(tokenizer) -> list[dict]:
 
 def run(variant: str, out: Path, sketch_factors: Path | None) -> None:
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import lamda_peft
     from lamda_peft import LamdaConfig, LamdaLayer
-    from lamda_peft.apps.models import smollm2_path
 
-    torch.manual_seed(0)
-    path = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model, tokenizer = load_smollm2()
     data = batches(tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     result: dict = {}
     if variant in SKETCHES:
         power_iterations, oversample = SKETCHES[variant]
