@@ -168,6 +168,7 @@ def test_training_options_hub_dataset_and_tensorboard(sst2_folder, tmp_path):
     # 2 batches of 4 per optimizer step: 4 steps see 32 of the 64 rows, half an epoch
     assert logged[4]["epoch"] == pytest.approx(steps * 4 * 2 / 64)
     assert run["config"]["weight_decay"] == 0.01 and run["config"]["bf16"] is True
+    assert run["config"]["init"] == "gradient"  # the default: calibrated under the bf16 autocast the steps use
     # bf16: the frozen base is stored in bf16 (2 bytes per weight), and so is the frozen A (our dtype policy); every
     # trainable factor (B, S) and the head stay float32
     assert run["accounted_memory_bytes"]["parameters"] < 0.6 * 4 * run["total_params"]

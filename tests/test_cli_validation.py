@@ -285,6 +285,22 @@ def test_options_left_out_get_their_defaults_and_given_ones_are_kept(tmp_path, m
     assert not (tmp_path / "runs").exists()
 
 
+def test_lamda_defaults_to_the_gradient_init_with_b_over_70_percent(tmp_path, monkeypatch):
+    """The command line's LaMDA is the benchmark's best setting (docs/results/glue.md): the gradient init with B's
+    freezing window at 0.7; ``--init spectral`` is the paper's method with its 0.3; a given ratio is kept."""
+    monkeypatch.chdir(tmp_path)
+    for method in ("lamda", "lamda++"):
+        args = parsed("--method", method)
+        assert (args.init, args.freeze_ratio) == ("gradient", 0.7)
+        assert (parsed("--method", method, "--init", "spectral").freeze_ratio) == 0.3
+    assert parsed("--init", "activations").freeze_ratio == 0.3
+    assert parsed("--init", "spectral", "--freeze-ratio", "0.5").freeze_ratio == 0.5
+    assert parsed("--freeze-ratio", "0.2").init == "gradient"
+    for method in ("lora", "lora-fa", "full"):  # the other methods get neither (and refuse both: above)
+        args = parsed("--method", method)
+        assert (args.init, args.freeze_ratio) == (None, None)
+
+
 def test_eval_keeps_a_given_value_over_the_runs():
     from lamda_peft.cli.eval import _given
 

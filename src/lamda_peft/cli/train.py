@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -153,9 +154,17 @@ def calibrate_on_data(model: torch.nn.Module, spec: DataSpec, tokenizer: Any, tr
                                          collate_fn=collator_for(spec, tokenizer),
                                          generator=torch.Generator().manual_seed(args.seed))
     batches = min(num_batches, len(loader))
-    initialize(model, loader, num_batches=batches, seed=args.seed)
+    if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":  # where the Trainer will put it
+        model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+    # under the autocast the Trainer's steps will use: a bf16 base feeds bf16 activations to a float32 head
+    precision = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    device = next(model.parameters()).device.type
+    start = time.perf_counter()
+    with torch.autocast(device, dtype=precision, enabled=precision is not None):
+        initialize(model, loader, num_batches=batches, seed=args.seed)
     source = "the inputs" if args.init == "activations" else "the loss gradient"
-    print(f"{args.init} init: A and B0 from {source} of {batches} training batches")
+    print(f"{args.init} init: A and B0 from {source} of {batches} training batches "
+          f"({time.perf_counter() - start:.0f} s)")
 
 
 # ------------------------------------------------------------------------------------------------------ training

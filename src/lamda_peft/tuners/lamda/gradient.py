@@ -63,10 +63,11 @@ class _SketchedLayer:
     def _add(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0].float()
         extra = 0.0
-        if self.N is not None:
-            extra = extra + nn.functional.linear(nn.functional.linear(x, self.right.T), self.N)
-        if self.M is not None:
-            extra = extra + nn.functional.linear(nn.functional.linear(x, self.M), self.left)
+        with torch.autocast(x.device.type, enabled=False):  # float32 sketches under a bf16/fp16 autocast too
+            if self.N is not None:
+                extra = extra + nn.functional.linear(nn.functional.linear(x, self.right.T), self.N)
+            if self.M is not None:
+                extra = extra + nn.functional.linear(nn.functional.linear(x, self.M), self.left)
         return output + extra.to(output.dtype)
 
     def remove(self) -> None:
