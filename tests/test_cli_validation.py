@@ -301,6 +301,21 @@ def test_lamda_defaults_to_the_gradient_init_with_b_over_70_percent(tmp_path, mo
         assert (args.init, args.freeze_ratio) == (None, None)
 
 
+def test_a_run_recorded_under_the_old_defaults_resumes_with_init_spectral():
+    """Before session 12 a LaMDA run's config left out the init and freeze ratio of then (spectral, 0.3): it is the
+    same run as today's ``--init spectral``, and a different one from today's defaults (gradient, 0.7)."""
+    from lamda_peft.cli.checkpoints import differing_options
+
+    old = {"method": "lamda", "freeze_ratio": None, "lr": 1e-3}
+    assert differing_options(old, {"method": "lamda", "init": "spectral", "freeze_ratio": 0.3, "lr": 1e-3}) == []
+    assert differing_options(old, {"method": "lamda", "init": "gradient", "freeze_ratio": 0.7, "lr": 1e-3}) == [
+        "freeze_ratio", "init"]
+    old_gradient = {"method": "lamda++", "init": "gradient", "freeze_ratio": None}  # then: B over 0.3
+    assert differing_options(old_gradient, {"method": "lamda++", "init": "gradient", "freeze_ratio": 0.3}) == []
+    lora = {"method": "lora", "freeze_ratio": None}
+    assert differing_options(lora, dict(lora)) == []
+
+
 def test_eval_keeps_a_given_value_over_the_runs():
     from lamda_peft.cli.eval import _given
 

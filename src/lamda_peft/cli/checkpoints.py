@@ -92,7 +92,17 @@ def resolve_resume(value: Optional[str], out: Path, config: dict) -> Optional[Pa
 def differing_options(saved: dict, config: dict) -> list[str]:
     """The run-config keys whose values differ (``config`` as it would read back from JSON)."""
     current = json.loads(json.dumps(config))
+    saved = with_defaults_written_out(saved)
     return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+
+
+def with_defaults_written_out(saved: dict) -> dict:
+    """A LaMDA run recorded before session 12 left its init and freeze ratio out when they were the defaults of then
+    (the spectral init, 0.3); written out, it compares equal to the same run given today with ``--init spectral``."""
+    if saved.get("method") not in ("lamda", "lamda++"):
+        return saved
+    freeze_ratio = saved.get("freeze_ratio")
+    return {**saved, "init": saved.get("init", "spectral"), "freeze_ratio": 0.3 if freeze_ratio is None else freeze_ratio}
 
 
 class PublishCheckpoints(TrainerCallback):
