@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,41 @@ def test_data_driven_init_from_the_command_line(init, sst2, minilm_path, tmp_pat
     assert main(["eval", "--adapter", str(out), "--output", str(tmp_path / "eval.json")]) == 0
     again = json.loads((tmp_path / "eval.json").read_text())
     assert again["accuracy"] == pytest.approx(run["validation"]["accuracy"], abs=1e-6)
+    assert again["loss"] == pytest.approx(run["validation"]["loss"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_lamda_plus_plus_by_default_calibrates_each_module_at_its_energy_rank(sst2, minilm_path, tmp_path, capsys):
+    """The command line's default for LaMDA++ (session 12): the gradient init at each module's own rank, B's window at
+    0.7; the saved A of every module has its allocated rank's rows and spans the gradient's subspace, not the
+    weight's; eval reloads it to the same metrics."""
+    from safetensors.torch import load_file
+
+    from lamda_peft.cli.eval import load_base
+    from lamda_peft.spectral import top_svd
+
+    out = tmp_path / "run"
+    train, dev = sst2
+    assert main(["train", "--train-file", str(train), "--validation-file", str(dev), "--model", minilm_path,
+                 "--method", "lamda++", "--target-modules", "query", "value", "--output-dir", str(out), *FAST]) == 0
+    assert "gradient init: A and B0 from the loss gradient of 8 training batches" in capsys.readouterr().out
+    run = read_run(out)
+    assert (run["config"]["init"], run["config"]["freeze_ratio"]) == ("gradient", 0.7)
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert (adapter["init"], adapter["freeze_ratio"], adapter["rank_allocation"]) == ("gradient", 0.7, "energy")
+    ranks = adapter["rank_pattern"]  # anchored patterns, one per module: ^name$
+    assert len(set(ranks.values())) > 1  # the energy allocation gave the modules different ranks
+    saved = {k: v for k, v in load_file(out / "adapter_model.safetensors").items() if k.endswith("lamda_A")}
+    base, _ = load_base(minilm_path, "classification", 2)
+    assert len(saved) == 12
+    for key, a in saved.items():
+        module = key.split("base_model.model.")[-1].rsplit(".lamda_A", 1)[0]
+        assert a.shape[0] == ranks[f"^{re.escape(module)}$"], module
+        top = top_svd(base.get_submodule(module).weight.detach(), a.shape[0]).Vh  # the spectral A's row space
+        overlap = torch.linalg.svdvals(torch.linalg.qr(a.T.double())[0].T @ torch.linalg.qr(top.T.double())[0])
+        assert overlap.max() < 0.999, module
+    assert main(["eval", "--adapter", str(out), "--output", str(tmp_path / "eval.json")]) == 0
+    again = json.loads((tmp_path / "eval.json").read_text())
     assert again["loss"] == pytest.approx(run["validation"]["loss"], abs=1e-5)
 
 
