@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 R, BATCHES, BATCH_SIZE, LENGTH = 16, 32, 1, 128
-SKETCHES = {"sketch q=1, p=8 (default)": (1, 8), "sketch q=2, p=16": (2, 16)}
+SKETCHES = {"sketch q=0, p=8": (0, 8), "sketch q=1, p=8 (default)": (1, 8), "sketch q=2, p=16": (2, 16)}
 
 
 class _MallInfo2(ctypes.Structure):
