@@ -286,12 +286,8 @@ def write_report(runs: list[dict], opts, stem: str) -> None:
                     else (0.0, 0.0) if paired or not c else (c["dev_mean"], c["dev_std"]) for c in cells]
             x = np.arange(len(opts.tasks)) + barred.index(m) * width
             ax.bar(x, [b[0] for b in bars], width, yerr=[b[1] for b in bars], label=m, color=color[m])
-        end = next(best[(t, m)]["trainable_end"] for t in opts.tasks if (t, m) in best)
-        if np.isnan(means[m]):  # not every task run yet
-            continue
-        trade.scatter(end, means[m], color=color[m], s=40)
-        trade.annotate(m, (end, means[m]), textcoords="offset points", xytext=(5, 4 if i % 2 == 0 else -11),
-                       fontsize=8)  # alternate above and below: LoRA and PiSSA often coincide
+    label_points(trade, {m: (next(best[(t, m)]["trainable_end"] for t in opts.tasks if (t, m) in best), means[m])
+                         for m in methods if not np.isnan(means[m])}, color)  # NaN: not every task run yet
     ax.set_xticks(np.arange(len(opts.tasks)) + 0.4 - width / 2, opts.tasks)
     if paired:
         ax.axhline(0, color=color.get("lora", "black"), lw=1, label="lora (zero line)")
@@ -300,11 +296,29 @@ def write_report(runs: list[dict], opts, stem: str) -> None:
         ax.set_ylabel("dev score (x100), mean ± std over seeds")
     ax.set_title(f"GLUE dev, {'SmolLM2-135M' if opts.model == 'smollm2' else 'MiniLM'}, r={opts.r}, {opts.steps} steps "
                  f"({opts.label})")
-    ax.legend(fontsize=8, loc="upper right" if paired else "lower left")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=min(5, len(methods)), frameon=False)
     trade.set_xscale("log"), trade.set_xlabel("trainable parameters at the end of training")
     trade.set_ylabel("GLUE mean (x100)"), trade.set_title("score vs trainable parameters")
     fig.tight_layout(), fig.savefig(RESULTS / f"{stem}.png", dpi=100), plt.close(fig)
     print("\n".join(lines))
+
+
+def label_points(ax, points: dict[str, tuple[float, float]], color: dict) -> None:
+    """Scatter {name: (trainable parameters, score)} on a log-x axis, each named beside its point; a name that would
+    cover one already placed (points within a decade and a few tenths of a point) moves down a line."""
+    if not points:
+        return
+    scores = [y for _, y in points.values()]
+    line = max(max(scores) - min(scores), 1.0) / 14  # about one label's height in score units
+    placed: list[tuple[float, float]] = []
+    for name, (x, y) in sorted(points.items(), key=lambda item: -item[1][1]):
+        ax.scatter(x, y, color=color[name], s=40)
+        shift = 0
+        while any(abs(np.log10(x) - px) < 1.0 and abs(y - shift * line - py) < 0.9 * line for px, py in placed):
+            shift += 1
+        placed.append((np.log10(x), y - shift * line))
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 2 - 10 * shift), fontsize=8,
+                    arrowprops=dict(arrowstyle="-", lw=0.5, color="grey") if shift else None)
 
 
 def read_runs(log: Path) -> list[dict]:
