@@ -279,7 +279,7 @@ def write_report(runs: list[dict], opts, stem: str) -> None:
     colors = plt.get_cmap("tab20").colors  # 20 distinct colours: the default cycle repeats after 10 methods
     color = {m: colors[2 * i % 20 + (2 * i // 20) % 2] for i, m in enumerate(methods)}
     width = 0.8 / max(len(barred), 1)
-    for i, m in enumerate(methods):
+    for m in methods:
         if m in barred:  # (mean, std) per task: of the paired difference, or of the score; (0, 0) where not run
             cells = [best.get((t, m)) or {} for t in opts.tasks]
             bars = [(c["diff_to_lora"]["mean"], c["diff_to_lora"]["std"]) if paired and c.get("diff_to_lora")

@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 
 from . import UsageError
 from .interrupts import check_interrupt, sigint_deferred, sigint_handled  # noqa: F401 (their home before)
+from .train_args import PAPER_FREEZE_RATIO
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 RUN_CONFIG = "lamda_peft_run.json"  # in each checkpoint: the run's config, to refuse resuming a different run
@@ -102,7 +103,8 @@ def with_defaults_written_out(saved: dict) -> dict:
     if saved.get("method") not in ("lamda", "lamda++"):
         return saved
     freeze_ratio = saved.get("freeze_ratio")
-    return {**saved, "init": saved.get("init", "spectral"), "freeze_ratio": 0.3 if freeze_ratio is None else freeze_ratio}
+    return {**saved, "init": saved.get("init", "spectral"), "freeze_ratio": PAPER_FREEZE_RATIO if freeze_ratio is None
+            else freeze_ratio}
 
 
 class PublishCheckpoints(TrainerCallback):

@@ -17,7 +17,8 @@ INITS = ("gradient", "spectral", "activations")
 # LaMDA's defaults on the command line: the gradient init with B's window at 70% of the steps beat the paper's spectral
 # init (B over 30%) on every seed of the GLUE benchmark (docs/results/glue.md); `--init spectral` is the paper's.
 DEFAULT_INIT = "gradient"
-DEFAULT_FREEZE_RATIO = {"gradient": 0.7}  # the others: the paper's 0.3 (LamdaConfig's default)
+PAPER_FREEZE_RATIO = 0.3  # LamdaConfig's default; the command line keeps it for the other inits
+DEFAULT_FREEZE_RATIO = {"gradient": 0.7}
 DEFAULT_LR = {"full": 5e-5}  # adapters: 1e-3
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt")
@@ -176,7 +177,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.method in ("lamda", "lamda++"):  # the defaults, as given values: the run record shows what trained
         args.init = args.init or DEFAULT_INIT
         if args.freeze_ratio is None:
-            args.freeze_ratio = DEFAULT_FREEZE_RATIO.get(args.init, 0.3)
+            args.freeze_ratio = DEFAULT_FREEZE_RATIO.get(args.init, PAPER_FREEZE_RATIO)
 
 
 def check_schedule_options(args: argparse.Namespace) -> None:
