@@ -45,7 +45,7 @@ RELOAD_SCRIPT = textwrap.dedent(
     torch.manual_seed(987654)  # a different global seed than the saving process
     model = PeftModel.from_pretrained(base, {adapter!r})
     ids = torch.load({ids!r})
-    torch.save(model(ids).logits, {out!r})
+    torch.save({{"logits": model(ids).logits, "state": model.state_dict()}}, {out!r})
     """
 )
 
@@ -64,7 +64,14 @@ def test_reload_in_fresh_process_is_exact_without_svd(tmp_path, input_ids, svd_m
                                   ids=str(tmp_path / "ids.pt"), out=str(tmp_path / "out.pt"))
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
     reloaded = torch.load(tmp_path / "out.pt")
-    assert ((reloaded - expected).abs().max() / expected.abs().max()) <= 1e-6
+    # Exact: every tensor, adapter factors and buffers included, comes back bit for bit.
+    saved_state = model.state_dict()
+    assert reloaded["state"].keys() == saved_state.keys()
+    mismatched = [name for name, tensor in saved_state.items() if not torch.equal(reloaded["state"][name], tensor)]
+    assert not mismatched, mismatched
+    # The forward agrees to float32 round-off: a fresh process may pick a matmul kernel that sums in another
+    # order (seen at 1.4e-6 relative on CI), so bit equality of the logits is not a property of the adapter.
+    assert ((reloaded["logits"] - expected).abs().max() / expected.abs().max()) <= 1e-5
 
 
 def test_lora_fa_reload_keeps_the_random_A(tmp_path, input_ids):
