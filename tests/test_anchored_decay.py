@@ -8,7 +8,8 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from lamda_peft import LamdaCallback, LamdaConfig, LamdaLayer, LoraFAConfig, attach_freezing, lamda_param_groups
+from lamda_peft import (LamdaCallback, LamdaConfig, LamdaLayer, LoraFAConfig, attach_freezing, initialize,
+                        lamda_param_groups)
 from lamda_peft.anchored_decay import anchor_weight_decay
 
 from conftest import make_tiny_llama
@@ -17,7 +18,10 @@ IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(5))
 
 
 def _lamda(init: str = "spectral", r: int = 4):
-    return get_peft_model(make_tiny_llama(), LamdaConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init=init))
+    model = get_peft_model(make_tiny_llama(), LamdaConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init=init))
+    if init in ("activations", "gradient"):  # data-driven: B0S0 and A come from a calibration
+        initialize(model, [{"input_ids": IDS, "labels": IDS}], num_batches=1, show_progress_bar=False)
+    return model
 
 
 def _logits(model) -> torch.Tensor:
@@ -35,7 +39,7 @@ def _zero_gradient_steps(model, optimizer, steps: int) -> None:
         optimizer.step()
 
 
-@pytest.mark.parametrize("init", ["spectral", "spectral_zero", "random"])
+@pytest.mark.parametrize("init", ["spectral", "spectral_zero", "random", "activations", "gradient"])
 def test_zero_gradient_run_with_weight_decay_leaves_the_model_unchanged(init):
     model = _lamda(init)
     before = _logits(model)
