@@ -168,11 +168,17 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([r["method"] for r in results], [r["test"]["loss"] for r in results])
+    losses = [r["test"]["loss"] for r in results]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(results)), 3.8))
+    bars = ax.bar([r["method"] for r in results], losses)
+    ax.bar_label(bars, labels=[f"{loss:.3f}" for loss in losses], fontsize=8)  # the differences are small
+    lora = next((r["test"]["loss"] for r in results if r["method"] == "lora"), None)
+    if lora is not None:
+        ax.axhline(lora, color="gray", linestyle="--", linewidth=0.8, label="LoRA")
+        ax.legend(loc="upper right", fontsize=8)
     ax.set_ylabel("test loss, response tokens"), ax.set_title(f"GSM8K, SmolLM2-135M, {opts.steps} steps ({opts.label})")
-    lows = [r["test"]["loss"] for r in results]
-    ax.set_ylim(min(lows) * 0.95, max(lows) * 1.02)
+    ax.tick_params(axis="x", labelrotation=20)
+    ax.set_ylim(min(losses) * 0.95, max(losses) * 1.04)
     fig.tight_layout(), fig.savefig(stem.with_suffix(".png"), dpi=100), plt.close(fig)
     print("\n".join(lines))
 
