@@ -18,7 +18,8 @@ IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(5))
 
 
 def _lamda(init: str = "spectral", r: int = 4):
-    model = get_peft_model(make_tiny_llama(), LamdaConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init=init))
+    config = LamdaConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init=init)
+    model = get_peft_model(make_tiny_llama(), config)
     if init in ("activations", "gradient"):  # data-driven: B0S0 and A come from a calibration
         initialize(model, [{"input_ids": IDS, "labels": IDS}], num_batches=1, show_progress_bar=False)
     return model

@@ -9,11 +9,11 @@ Here decay pulls each parameter toward an *anchor* where the delta is zero:
 
     S  ->  S0 (I, or 0 for init="spectral_zero")          B  ->  B0S0
 
-For ``init`` "spectral", "activations", "gradient" and "random" (S0 = I, B0 = B0S0) this is exactly the initial (S0, B0), so the
-delta B S - B0S0 stays 0 all along a zero-gradient run. For "spectral_zero" (S0 = 0, B0S0 = 0) S stays at 0, where
-the delta is 0 whatever B is, and B decays toward 0 (its initial SVD factor is not stored in an adapter file, and an
-anchor must be the same after a reload). An ``init_weights=False`` start keeps these anchors, i.e. decay pulls it
-toward the pretrained model. LoRA-FA's B keeps plain decay (its anchor is 0).
+For ``init`` "spectral", "activations", "gradient" and "random" (S0 = I, B0 = B0S0) this is exactly the initial (S0,
+B0), so the delta B S - B0S0 stays 0 all along a zero-gradient run. For "spectral_zero" (S0 = 0, B0S0 = 0) S stays at
+0, where the delta is 0 whatever B is, and B decays toward 0 (its initial SVD factor is not stored in an adapter file,
+and an anchor must be the same after a reload). An ``init_weights=False`` start keeps these anchors, i.e. decay pulls
+it toward the pretrained model. LoRA-FA's B keeps plain decay (its anchor is 0).
 
 How: optimizer step hooks (:func:`anchor_weight_decay`), exact for both kinds of decay a torch optimizer applies:
 
