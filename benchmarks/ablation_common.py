@@ -17,7 +17,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 R = 8  # the rank of every run unless a cell sets r
 DEFAULTS = dict(method="lamda", steps=100, seed=0, lr=1e-3, lr_S=None, lr_B=None, lr_head=None, freeze_ratio=0.3,
                 warmup=0.06, alpha="16", init="spectral", subspace="top", r=R, freeze_order="largest_first",
-                train_size=2000, weight_decay=0.0, decay_anchor=True, calibration=128, head_warmup=0, s0="identity")
+                train_size=2000, weight_decay=0.0, decay_anchor=True, calibration=128, head_warmup=0, s0="identity",
+                power_iterations=1)
 
 
 def cell(**kw: Any) -> dict:

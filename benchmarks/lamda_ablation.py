@@ -31,6 +31,8 @@ and a seed. The knobs (each defaults to the committed LaMDA/CLI setting):
                               module's full G, so the library's sketch cannot give it), scaled like init=gradient
     s0                        gradient inits: identity (default, S0 = I) or singular (ablation only: S0 = diag of G's
                               top-r singular values over their mean, B0S0 = B S0; the same c, so S0's mean is 1)
+    power_iterations          gradient init: the randomized sketch's power iterations q (default 1; 0 halves the
+                              calibration passes, lamda_peft.initialize(..., power_iterations=0))
     weight_decay              AdamW's decoupled weight decay on every group but biases and norms (default 0)
     decay_anchor              True (default): LaMDA's S and B decay toward S0 and B0S0 (lamda_peft.anchored_decay);
                               False: toward 0, as before issue 25
@@ -202,6 +204,10 @@ PLANS: dict[str, list[dict]] = {
     # 18. (session 11) issue 24, item 6: today's defaults (spectral init, S at 5x) at 400 steps, 3 seeds, to pair with
     #     the 10x rows (plan confirm400) in this pipeline; glue.py found 5x better on every seed at 128 tokens
     "defaults400": _grid((400,), (0, 1, 2), [dict(lr_S=5e-3)]),
+    # 21. (session 14) the sketch without a power iteration (2 calibration passes instead of 4; a median 96% of the
+    #     top-16 energy against 99.9%, gradient_init_memory.md): does the weaker subspace cost accuracy? Paired with
+    #     gradient2's freeze_ratio 0.7 row (q = 1)
+    "power0": _grid((400,), (0, 1, 2), [dict(lr_S=1e-2, init="gradient", freeze_ratio=0.7, power_iterations=0)]),
     # 15. (session 10) weight decay: anchored at S0/B0S0 (issue 25) against the decay toward 0 it replaces, at the
     #     settings of the 400-step default-10x runs (weight decay 0 there: seeds 0-2)
     "weight_decay": _grid((400,), (0, 1, 2), [dict(lr_S=1e-2, weight_decay=0.1),
@@ -296,12 +302,13 @@ def one_run(c: dict, data) -> dict:
         if c["init"] == "activations":
             initialize_from_activations(model, batches, num_batches=len(batches))
         elif c["init"] == "gradient_sign" or c["s0"] != "identity":
-            if c["head_warmup"]:
-                raise ValueError("the ablation's gradient variants take no head warm-up")
+            if c["head_warmup"] or c["power_iterations"] != DEFAULTS["power_iterations"]:
+                raise ValueError("the ablation's gradient variants take the full G: no head warm-up, no sketch")
             _gradient_variant(model, batches, c)
         else:
             lamda_peft.initialize(model, batches, num_batches=len(batches), head_warmup_steps=c["head_warmup"],
-                                  head_lr=c["lr_head"] or c["lr"], seed=c["seed"])
+                                  head_lr=c["lr_head"] or c["lr"], power_iterations=c["power_iterations"],
+                                  seed=c["seed"])
     # None = lr: the ablation's baseline is one lr for everything (the library's default multipliers may differ)
     groups = lamda_param_groups(model, c["lr"], weight_decay=c["weight_decay"],
                                 **{k: c[k] or c["lr"] for k in ("lr_S", "lr_B", "lr_head")})
