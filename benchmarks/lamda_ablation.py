@@ -206,8 +206,9 @@ PLANS: dict[str, list[dict]] = {
     "defaults400": _grid((400,), (0, 1, 2), [dict(lr_S=5e-3)]),
     # 21. (session 14) the sketch without a power iteration (2 calibration passes instead of 4; a median 96% of the
     #     top-16 energy against 99.9%, gradient_init_memory.md): does the weaker subspace cost accuracy? Paired with
-    #     gradient2's freeze_ratio 0.7 row (q = 1)
-    "power0": _grid((400,), (0, 1, 2), [dict(lr_S=1e-2, init="gradient", freeze_ratio=0.7, power_iterations=0)]),
+    #     gradient2's freeze_ratio 0.7 row (q = 1, in the plan too: rerun with --log, it checks that row's seeds)
+    "power0": _grid((400,), (0, 1, 2), [dict(lr_S=1e-2, init="gradient", freeze_ratio=0.7, power_iterations=0),
+                                        dict(lr_S=1e-2, init="gradient", freeze_ratio=0.7)]),
     # 15. (session 10) weight decay: anchored at S0/B0S0 (issue 25) against the decay toward 0 it replaces, at the
     #     settings of the 400-step default-10x runs (weight decay 0 there: seeds 0-2)
     "weight_decay": _grid((400,), (0, 1, 2), [dict(lr_S=1e-2, weight_decay=0.1),
